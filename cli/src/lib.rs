@@ -1,0 +1,8 @@
+//! Native side of the `mdi` command: files as byte sources, opening a model from disk, the
+//! default-model cache, and the generation loop shared by the CLI and the tests.
+
+pub mod fetch;
+pub mod files;
+pub mod generate;
+
+pub use files::{open_model, FileSource, Model};
