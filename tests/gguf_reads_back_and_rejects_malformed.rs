@@ -13,7 +13,10 @@ fn random_values(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| rng.next_f32() * 4.0 - 2.0).collect()
 }
 
-fn all_types_file() -> (Vec<u8>, Vec<(String, DType, Vec<usize>, Vec<u8>)>) {
+/// A tensor as written: name, type, row-major shape, stored bytes.
+type Written = (String, DType, Vec<usize>, Vec<u8>);
+
+fn all_types_file() -> (Vec<u8>, Vec<Written>) {
     let mut w = GgufWriter::new();
     let metadata = [
         ("t.u8", Value::U8(200)),
@@ -47,7 +50,10 @@ fn all_types_file() -> (Vec<u8>, Vec<(String, DType, Vec<usize>, Vec<u8>)>) {
     let mut tensors = Vec::new();
     for (i, dtype) in DType::ALL.into_iter().enumerate() {
         // Odd row counts, rows of several blocks; a 1-D and a 3-D tensor too.
-        for (j, shape) in [vec![7, 96], vec![64], vec![3, 2, 32]].into_iter().enumerate() {
+        for (j, shape) in [vec![7, 96], vec![64], vec![3, 2, 32]]
+            .into_iter()
+            .enumerate()
+        {
             let n: usize = shape.iter().product();
             let bytes = quantize(dtype, &random_values(n, (i * 10 + j) as u64));
             let name = format!("tensor.{dtype}.{j}");
@@ -126,7 +132,11 @@ fn unknown_tensor_type_names_the_tensor() {
     let at = type_field(&bytes, "tensor.q4_1.0");
     bytes[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
     match expect_err(bytes) {
-        Error::UnsupportedType { file, tensor, dtype } => {
+        Error::UnsupportedType {
+            file,
+            tensor,
+            dtype,
+        } => {
             assert_eq!(file, "bad.gguf");
             assert_eq!(tensor, "tensor.q4_1.0");
             assert!(dtype.contains("99"));
@@ -152,7 +162,9 @@ fn tensor_past_end_of_file_names_the_tensor() {
 #[test]
 fn truncation_anywhere_is_an_error_not_a_panic() {
     let (bytes, _) = all_types_file();
-    let header_end = Gguf::read(&MemSource::new("x", bytes.clone())).unwrap().data_start as usize;
+    let header_end = Gguf::read(&MemSource::new("x", bytes.clone()))
+        .unwrap()
+        .data_start as usize;
     let cuts = (0..header_end).chain((header_end..bytes.len()).step_by(97));
     for cut in cuts {
         let e = expect_err(bytes[..cut].to_vec());
@@ -168,7 +180,9 @@ fn truncation_anywhere_is_an_error_not_a_panic() {
 #[test]
 fn random_corruption_never_panics() {
     let (bytes, _) = all_types_file();
-    let header_end = Gguf::read(&MemSource::new("x", bytes.clone())).unwrap().data_start as usize;
+    let header_end = Gguf::read(&MemSource::new("x", bytes.clone()))
+        .unwrap()
+        .data_start as usize;
     let mut rng = Rng::new(99);
     for _ in 0..3000 {
         let mut bad = bytes.clone();
@@ -188,7 +202,9 @@ fn missing_tensor_and_wrong_shape_name_the_tensor() {
     let spec = StageSpec::whole(&config);
 
     let mut missing = TinyModel::random(Shape::default(), 3);
-    missing.tensors.retain(|(n, _, _)| n != "model.layers.2.mlp.up_proj.weight");
+    missing
+        .tensors
+        .retain(|(n, _, _)| n != "model.layers.2.mlp.up_proj.weight");
     let store = missing.gguf_store(DType::F32);
     match StageWeights::load(&store, &config, &spec) {
         Err(Error::MissingTensor { file, tensor }) => {
@@ -198,7 +214,11 @@ fn missing_tensor_and_wrong_shape_name_the_tensor() {
         other => panic!("wrong result: {:?}", other.err()),
     }
     // Loading only layers 0..2 does not need the missing tensor.
-    let first = StageSpec { layers: 0..2, embed: true, head: false };
+    let first = StageSpec {
+        layers: 0..2,
+        embed: true,
+        head: false,
+    };
     StageWeights::load(&store, &config, &first).expect("layers 0..2 load");
 
     let mut wrong = TinyModel::random(Shape::default(), 3);
@@ -210,7 +230,12 @@ fn missing_tensor_and_wrong_shape_name_the_tensor() {
         }
     }
     match StageWeights::load(&wrong.gguf_store(DType::F32), &config, &spec) {
-        Err(Error::Shape { tensor, expected, actual, .. }) => {
+        Err(Error::Shape {
+            tensor,
+            expected,
+            actual,
+            ..
+        }) => {
             assert_eq!(tensor, "blk.1.attn_k.weight");
             assert_eq!(expected, vec![32, 64]);
             assert_eq!(actual, vec![31, 64]);

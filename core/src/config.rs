@@ -85,7 +85,10 @@ impl Config {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return bad(format!("head size {} is odd: RoPE needs pairs", self.head_dim));
+            return bad(format!(
+                "head size {} is odd: RoPE needs pairs",
+                self.head_dim
+            ));
         }
         if !(self.rope_base > 0.0 && self.norm_eps >= 0.0) {
             return bad(format!(
@@ -200,8 +203,8 @@ impl Config {
             eos_token_id: Option<Ids>,
             max_position_embeddings: Option<usize>,
         }
-        let hf: Hf = serde_json::from_str(json)
-            .map_err(|e| Error::Config(format!("config.json: {e}")))?;
+        let hf: Hf =
+            serde_json::from_str(json).map_err(|e| Error::Config(format!("config.json: {e}")))?;
         let arch = hf.model_type.unwrap_or_else(|| "llama".to_string());
         if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
             return Err(Error::Config(format!(

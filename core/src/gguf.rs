@@ -159,7 +159,7 @@ impl<'a, S: ByteSource + ?Sized> Cursor<'a, S> {
     }
 
     fn take(&mut self, n: u64, what: &str) -> Result<&[u8]> {
-        let end = self.pos.checked_add(n).unwrap_or(u64::MAX);
+        let end = self.pos.saturating_add(n);
         if end > self.src.len() {
             return Err(Error::Truncated {
                 file: self.src.name().to_string(),
@@ -370,7 +370,10 @@ impl Gguf {
             match (start, end) {
                 (Some(start), Some(end)) if end <= src.len() => {
                     if index.insert(name.clone(), tensors.len()).is_some() {
-                        return Err(Error::format(&file, format!("tensor `{name}` listed twice")));
+                        return Err(Error::format(
+                            &file,
+                            format!("tensor `{name}` listed twice"),
+                        ));
                     }
                     tensors.push(TensorInfo {
                         name,
@@ -446,7 +449,8 @@ impl GgufWriter {
         shape: &[usize],
         bytes: Vec<u8>,
     ) -> &mut Self {
-        self.tensors.push((name.into(), dtype, shape.to_vec(), bytes));
+        self.tensors
+            .push((name.into(), dtype, shape.to_vec(), bytes));
         self
     }
 

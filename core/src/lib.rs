@@ -22,8 +22,8 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Config, RopeLayout};
-pub use error::{Error, Result};
 pub use engine::{HeadMode, StageEngine, StageOutput};
+pub use error::{Error, Result};
 pub use oracle::{KvCache, Oracle, StageInput};
 pub use quant::DType;
 pub use sampling::{Sampler, SamplingParams};

@@ -6,8 +6,8 @@
 
 use crate::config::{Config, RopeLayout};
 use crate::engine::{HeadMode, StageEngine, StageOutput};
-use crate::sampling::argmax;
 use crate::error::{Error, Result};
+use crate::sampling::argmax;
 use crate::weights::{LayerWeights, RawTensor, StageSpec, StageWeights};
 
 /// A row-major f32 matrix (or a vector, with one row).
@@ -161,7 +161,14 @@ impl Oracle {
             });
         }
         for (i, layer) in self.weights.layers.iter().enumerate() {
-            self.block(layer, &mut cache.k[i], &mut cache.v[i], cache.max_positions, pos, &mut x);
+            self.block(
+                layer,
+                &mut cache.k[i],
+                &mut cache.v[i],
+                cache.max_positions,
+                pos,
+                &mut x,
+            );
         }
         cache.len += n_tokens;
 

@@ -176,7 +176,11 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 /// Quantize (or convert) `values` into `dtype` storage bytes. Used by writers and tests;
 /// `values.len()` must be a whole number of blocks.
 pub fn quantize(dtype: DType, values: &[f32]) -> Vec<u8> {
-    assert_eq!(values.len() % dtype.block_len(), 0, "quantize {dtype}: partial block");
+    assert_eq!(
+        values.len() % dtype.block_len(),
+        0,
+        "quantize {dtype}: partial block"
+    );
     let mut out = Vec::with_capacity(dtype.bytes_for(values.len()).unwrap_or(0));
     match dtype {
         DType::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
@@ -230,7 +234,9 @@ mod tests {
 
     #[test]
     fn quantize_then_dequantize_is_close() {
-        let values: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0).collect();
+        let values: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
+            .collect();
         for dtype in DType::ALL {
             let bytes = quantize(dtype, &values);
             assert_eq!(Some(bytes.len()), dtype.bytes_for(values.len()));

@@ -150,7 +150,12 @@ mod tests {
     fn top_k_one_is_greedy_and_top_k_limits_choices() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let best = argmax(&logits);
-        let params = SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, seed: 7 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            top_p: 1.0,
+            seed: 7,
+        };
         let mut sorted: Vec<u32> = (0..50).collect();
         sorted.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         let mut s = Sampler::new(params);
@@ -169,13 +174,29 @@ mod tests {
     fn top_p_keeps_the_nucleus_and_seeds_repeat() {
         // One token holds ~97% of the mass: top_p 0.9 must always pick it.
         let logits = [10.0, 6.0, 5.0, 1.0];
-        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.9, seed: 1 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.9,
+            seed: 1,
+        };
         let mut s = Sampler::new(params);
         assert!((0..200).all(|_| s.sample(&logits) == 0));
         let flat = [1.0f32; 64];
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 42 };
-        let a: Vec<u32> = { let mut s = Sampler::new(p); (0..20).map(|_| s.sample(&flat)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(p); (0..20).map(|_| s.sample(&flat)).collect() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 42,
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p);
+            (0..20).map(|_| s.sample(&flat)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p);
+            (0..20).map(|_| s.sample(&flat)).collect()
+        };
         assert_eq!(a, b);
         assert!(a.iter().collect::<std::collections::BTreeSet<_>>().len() > 5);
     }

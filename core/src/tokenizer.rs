@@ -61,8 +61,9 @@ impl Tokenizer {
                 .ok_or_else(|| Error::Tokenizer(format!("{file}: no `{key}` array")))?
                 .iter()
                 .map(|v| {
-                    v.as_str()
-                        .ok_or_else(|| Error::Tokenizer(format!("{file}: `{key}` holds a non-string")))
+                    v.as_str().ok_or_else(|| {
+                        Error::Tokenizer(format!("{file}: `{key}` holds a non-string"))
+                    })
                 })
                 .collect()
         };
@@ -85,15 +86,16 @@ impl Tokenizer {
             .build()
             .map_err(tok_err)?;
 
-        let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+        let pre = g
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
         let byte_level = ByteLevel::new(false, true, true);
         let pre_tokenizer: PreTokenizerWrapper = match pre {
             // SmolLM and several others split every digit on its own before the GPT-2 regex.
-            "smollm" | "starcoder" | "refact" | "qwen2" => Sequence::new(vec![
-                Digits::new(true).into(),
-                byte_level.into(),
-            ])
-            .into(),
+            "smollm" | "starcoder" | "refact" | "qwen2" => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
             "gpt2" | "default" => byte_level.into(),
             other => {
                 return Err(Error::Tokenizer(format!(
@@ -111,7 +113,10 @@ impl Tokenizer {
                 .iter()
                 .zip(types)
                 .filter(|(_, t)| {
-                    matches!(t.as_u64(), Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+                    matches!(
+                        t.as_u64(),
+                        Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)
+                    )
                 })
                 .map(|(s, _)| AddedToken::from(s.to_string(), true).normalized(false))
                 .collect(),
@@ -185,7 +190,10 @@ pub fn render_chat(template: &str, messages: &[(&str, &str)], bos: Option<&str>)
     env.add_function(
         "raise_exception",
         |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
         },
     );
     env.add_template("chat", template)

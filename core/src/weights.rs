@@ -114,18 +114,18 @@ impl RawTensor {
 /// The weights of one transformer block.
 #[derive(Debug, Clone)]
 pub struct LayerWeights<T> {
-    pub attn_norm: T, // (hidden)
-    pub wq: T,        // (n_heads·head_dim, hidden)
-    pub wk: T,        // (n_kv_heads·head_dim, hidden)
-    pub wv: T,        // (n_kv_heads·head_dim, hidden)
-    pub wo: T,        // (hidden, n_heads·head_dim)
+    pub attn_norm: T,  // (hidden)
+    pub wq: T,         // (n_heads·head_dim, hidden)
+    pub wk: T,         // (n_kv_heads·head_dim, hidden)
+    pub wv: T,         // (n_kv_heads·head_dim, hidden)
+    pub wo: T,         // (hidden, n_heads·head_dim)
     pub bq: Option<T>, // (n_heads·head_dim)
     pub bk: Option<T>, // (n_kv_heads·head_dim)
     pub bv: Option<T>, // (n_kv_heads·head_dim)
-    pub ffn_norm: T,  // (hidden)
-    pub gate: T,      // (ffn, hidden)
-    pub up: T,        // (ffn, hidden)
-    pub down: T,      // (hidden, ffn)
+    pub ffn_norm: T,   // (hidden)
+    pub gate: T,       // (ffn, hidden)
+    pub up: T,         // (ffn, hidden)
+    pub down: T,       // (hidden, ffn)
 }
 
 /// Everything one stage holds. With tied embeddings the head is the embedding, held once.
@@ -400,7 +400,10 @@ impl<S: ByteSource> TensorStore for SafetensorsStore<S> {
     fn info(&self, name: &str) -> Option<(DType, Vec<usize>)> {
         // A tensor of a type we cannot read is reported by `read`, naming it.
         let (_, info) = self.find(name)?;
-        Some((st_dtype(info.dtype).unwrap_or(DType::F32), info.shape.clone()))
+        Some((
+            st_dtype(info.dtype).unwrap_or(DType::F32),
+            info.shape.clone(),
+        ))
     }
 
     fn read(&self, name: &str) -> Result<Vec<u8>> {

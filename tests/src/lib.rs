@@ -45,7 +45,10 @@ pub fn golden_chat() -> Result<GoldenChat> {
         prompt: json["prompt"].as_str().context("prompt")?.to_string(),
         prompt_tokens: ids("prompt_tokens")?,
         greedy_tokens: ids("greedy_tokens")?,
-        greedy_text: json["greedy_text"].as_str().context("greedy_text")?.to_string(),
+        greedy_text: json["greedy_text"]
+            .as_str()
+            .context("greedy_text")?
+            .to_string(),
         step0_logits: read_npy_f32(&dir.join("smollm2_chat_step0_logits.npy"))?,
     })
 }
@@ -53,7 +56,11 @@ pub fn golden_chat() -> Result<GoldenChat> {
 /// Read a 1-D little-endian float32 `.npy` file.
 pub fn read_npy_f32(path: &std::path::Path) -> Result<Vec<f32>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    anyhow::ensure!(bytes.starts_with(b"\x93NUMPY"), "{}: not .npy", path.display());
+    anyhow::ensure!(
+        bytes.starts_with(b"\x93NUMPY"),
+        "{}: not .npy",
+        path.display()
+    );
     let (header_len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
         _ => (
@@ -62,7 +69,11 @@ pub fn read_npy_f32(path: &std::path::Path) -> Result<Vec<f32>> {
         ),
     };
     let header = std::str::from_utf8(&bytes[start..start + header_len])?;
-    anyhow::ensure!(header.contains("'<f4'"), "{}: not little-endian f32", path.display());
+    anyhow::ensure!(
+        header.contains("'<f4'"),
+        "{}: not little-endian f32",
+        path.display()
+    );
     anyhow::ensure!(header.contains("'fortran_order': False"), "fortran order");
     Ok(bytes[start + header_len..]
         .chunks_exact(4)
@@ -89,5 +100,8 @@ pub fn default_model() -> Result<&'static mdi::Model> {
 /// Largest absolute difference between two slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

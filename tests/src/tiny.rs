@@ -54,14 +54,24 @@ impl TinyModel {
     pub fn random(shape: Shape, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         let hd = shape.hidden / shape.n_heads;
-        let (h, q, kv, f) = (shape.hidden, shape.n_heads * hd, shape.n_kv_heads * hd, shape.ffn);
+        let (h, q, kv, f) = (
+            shape.hidden,
+            shape.n_heads * hd,
+            shape.n_kv_heads * hd,
+            shape.ffn,
+        );
         let mut tensors = Vec::new();
         let mut add = |name: String, dims: Vec<usize>, scale: f32, offset: f32| {
             let n = dims.iter().product();
             let data = (0..n).map(|_| offset + scale * normal(&mut rng)).collect();
             tensors.push((name, dims, data));
         };
-        add("model.embed_tokens.weight".into(), vec![shape.vocab, h], 1.0, 0.0);
+        add(
+            "model.embed_tokens.weight".into(),
+            vec![shape.vocab, h],
+            1.0,
+            0.0,
+        );
         for i in 0..shape.n_layers {
             let p = |s: &str| format!("model.layers.{i}.{s}");
             let ws = 1.0 / (h as f32).sqrt();
@@ -78,11 +88,21 @@ impl TinyModel {
             add(p("post_attention_layernorm.weight"), vec![h], 0.1, 1.0);
             add(p("mlp.gate_proj.weight"), vec![f, h], ws, 0.0);
             add(p("mlp.up_proj.weight"), vec![f, h], ws, 0.0);
-            add(p("mlp.down_proj.weight"), vec![h, f], 1.0 / (f as f32).sqrt(), 0.0);
+            add(
+                p("mlp.down_proj.weight"),
+                vec![h, f],
+                1.0 / (f as f32).sqrt(),
+                0.0,
+            );
         }
         add("model.norm.weight".into(), vec![h], 0.1, 1.0);
         if !shape.tied {
-            add("lm_head.weight".into(), vec![shape.vocab, h], 1.0 / (h as f32).sqrt(), 0.0);
+            add(
+                "lm_head.weight".into(),
+                vec![shape.vocab, h],
+                1.0 / (h as f32).sqrt(),
+                0.0,
+            );
         }
         Self {
             shape,
@@ -122,17 +142,20 @@ impl TinyModel {
         let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
             .tensors
             .iter()
-            .map(|(n, s, d)| (n.clone(), s.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect()))
+            .map(|(n, s, d)| {
+                (
+                    n.clone(),
+                    s.clone(),
+                    d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                )
+            })
             .collect();
         let views: HashMap<String, safetensors::tensor::TensorView<'_>> = bytes
             .iter()
             .map(|(n, s, b)| {
-                let view = safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    s.clone(),
-                    b,
-                )
-                .expect("consistent view");
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                        .expect("consistent view");
                 (n.clone(), view)
             })
             .collect();
@@ -169,7 +192,10 @@ impl TinyModel {
             .metadata("llama.embedding_length", Value::U32(s.hidden as u32))
             .metadata("llama.feed_forward_length", Value::U32(s.ffn as u32))
             .metadata("llama.attention.head_count", Value::U32(s.n_heads as u32))
-            .metadata("llama.attention.head_count_kv", Value::U32(s.n_kv_heads as u32))
+            .metadata(
+                "llama.attention.head_count_kv",
+                Value::U32(s.n_kv_heads as u32),
+            )
             .metadata("llama.rope.freq_base", Value::F32(10000.0))
             .metadata("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5))
             .metadata("llama.vocab_size", Value::U32(s.vocab as u32))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: unit tests, the golden end-to-end tests on the default
+# model (fetched into the cache on first use) and the GPU kernel tests (on lavapipe when the
+# machine has no GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+# The Vulkan loader complains without a private runtime folder.
+if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "${XDG_RUNTIME_DIR}" ]; then
+  XDG_RUNTIME_DIR="$(mktemp -d)"
+  chmod 700 "$XDG_RUNTIME_DIR"
+  export XDG_RUNTIME_DIR
+fi
+cargo test --workspace --release "$@"
