@@ -3,9 +3,7 @@
 //! Any error in dequantization, RoPE, grouped-query attention or the tied head fails this.
 
 use mdi::generate::{generate, Request};
-use mdi_core::{
-    HeadMode, Oracle, SamplingParams, StageInput, StageOutput, StageSpec, StageWeights,
-};
+use mdi_core::{Oracle, SamplingParams, StageInput, StageOutput, StageSpec, StageWeights, Want};
 use mdi_tests::{default_model, golden_chat, max_abs_diff};
 
 fn oracle() -> anyhow::Result<Oracle> {
@@ -23,7 +21,7 @@ fn step0_logits_are_within_0_02_of_the_reference() -> anyhow::Result<()> {
     let out = oracle.forward(
         &mut cache,
         StageInput::Tokens(&golden.prompt_tokens),
-        HeadMode::Logits,
+        Want::Logits,
     )?;
     let StageOutput::Logits(logits) = out else {
         panic!("expected logits, got {out:?}");
@@ -84,7 +82,7 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() -> anyhow::Result<()> {
     // The cache itself refuses positions past its capacity.
     let mut cache = oracle.new_cache(8);
     let err = oracle
-        .forward(&mut cache, StageInput::Tokens(&[260; 9]), HeadMode::Argmax)
+        .forward(&mut cache, StageInput::Tokens(&[260; 9]), Want::Argmax)
         .unwrap_err();
     assert!(matches!(err, mdi_core::Error::ContextFull { .. }), "{err}");
     Ok(())

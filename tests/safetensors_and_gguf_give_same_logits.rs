@@ -4,7 +4,7 @@
 //! with an f32 model over the same dequantized values.
 
 use mdi_core::weights::TensorStore;
-use mdi_core::{Config, DType, HeadMode, Oracle, StageInput, StageOutput, StageSpec, StageWeights};
+use mdi_core::{Config, DType, Oracle, StageInput, StageOutput, StageSpec, StageWeights, Want};
 use mdi_tests::max_abs_diff;
 use mdi_tests::tiny::{Shape, TinyModel};
 
@@ -20,7 +20,7 @@ fn run(store: &dyn TensorStore, config: &Config) -> Vec<Vec<f32>> {
     let mut out = Vec::new();
     for input in [&[5u32, 17, 3, 99, 42][..], &[7], &[8], &[120], &[0]] {
         match oracle
-            .forward(&mut cache, StageInput::Tokens(input), HeadMode::Logits)
+            .forward(&mut cache, StageInput::Tokens(input), Want::Logits)
             .unwrap()
         {
             StageOutput::Logits(l) => out.push(l),

@@ -3,7 +3,7 @@
 //! A stage that mishandles its KV cache, the embedding or the head fails this.
 
 use mdi_core::weights::TensorStore;
-use mdi_core::{Config, HeadMode, Oracle, StageInput, StageOutput, StageSpec, StageWeights};
+use mdi_core::{Config, Oracle, StageInput, StageOutput, StageSpec, StageWeights, Want};
 use mdi_tests::tiny::{Shape, TinyModel};
 
 fn stage(store: &dyn TensorStore, config: &Config, spec: StageSpec) -> Oracle {
@@ -22,7 +22,7 @@ fn check_splits(store: &dyn TensorStore, config: &Config, steps: &[&[u32]], cuts
         .iter()
         .map(|ids| {
             whole
-                .forward(&mut cache, StageInput::Tokens(ids), HeadMode::Logits)
+                .forward(&mut cache, StageInput::Tokens(ids), Want::Logits)
                 .unwrap()
         })
         .collect();
@@ -48,14 +48,14 @@ fn check_splits(store: &dyn TensorStore, config: &Config, steps: &[&[u32]], cuts
         let (mut c1, mut c2) = (front.new_cache(32), back.new_cache(32));
         for (ids, want) in steps.iter().zip(&expected) {
             let StageOutput::Hidden(h) = front
-                .forward(&mut c1, StageInput::Tokens(ids), HeadMode::Logits)
+                .forward(&mut c1, StageInput::Tokens(ids), Want::Hidden)
                 .unwrap()
             else {
                 panic!("front stage must hand on hidden states");
             };
             assert_eq!(h.len(), ids.len() * config.hidden);
             let got = back
-                .forward(&mut c2, StageInput::Hidden(&h), HeadMode::Logits)
+                .forward(&mut c2, StageInput::Hidden(&h), Want::Logits)
                 .unwrap();
             assert_eq!(&got, want, "split at {k}: logits differ");
         }
@@ -127,18 +127,17 @@ fn three_stages_equal_one() {
     let mut caches: Vec<_> = stages.iter().map(|s| s.new_cache(16)).collect();
     for ids in [&[7u32, 8, 9][..], &[10], &[11]] {
         let want = whole
-            .forward(&mut wc, StageInput::Tokens(ids), HeadMode::Argmax)
+            .forward(&mut wc, StageInput::Tokens(ids), Want::Argmax)
             .unwrap();
         let mut out = stages[0]
-            .forward(&mut caches[0], StageInput::Tokens(ids), HeadMode::Argmax)
+            .forward(&mut caches[0], StageInput::Tokens(ids), Want::Hidden)
             .unwrap();
-        for (s, c) in stages[1..].iter().zip(&mut caches[1..]) {
+        for (i, (s, c)) in stages[1..].iter().zip(&mut caches[1..]).enumerate() {
             let StageOutput::Hidden(h) = out else {
                 panic!("hidden expected")
             };
-            out = s
-                .forward(c, StageInput::Hidden(&h), HeadMode::Argmax)
-                .unwrap();
+            let want = if i == 1 { Want::Argmax } else { Want::Hidden };
+            out = s.forward(c, StageInput::Hidden(&h), want).unwrap();
         }
         assert_eq!(out, want);
     }

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use mdi_core::{HeadMode, Sampler, SamplingParams, StageEngine, StageInput, StageOutput};
+use mdi_core::{Sampler, SamplingParams, StageEngine, StageInput, StageOutput, Want};
 
 /// One generation request.
 #[derive(Debug, Clone)]
@@ -70,9 +70,9 @@ pub fn generate<E: StageEngine>(
     let mut cache = engine.new_cache(positions)?;
     let mut sampler = Sampler::new(req.params);
     let mode = if req.params.is_greedy() {
-        HeadMode::Argmax
+        Want::Argmax
     } else {
-        HeadMode::Logits
+        Want::Logits
     };
     let mut pick = |out: StageOutput| -> Result<u32> {
         match out {

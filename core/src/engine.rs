@@ -1,23 +1,25 @@
-//! The contract every engine of a ring node meets — the CPU oracle, the GPU engine, and later
-//! the remote stages of the ring: run this stage's layers for one sequence.
+//! The contract every engine of a ring node meets — the CPU oracle and the GPU engine: run
+//! this stage's layers for one sequence, and (at the starter) the final norm + LM head.
 
 use crate::error::Result;
 use crate::oracle::StageInput;
 use crate::weights::StageSpec;
 
-/// What the head should return, when the stage runs it.
+/// What a forward pass should return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeadMode {
-    /// All logits of the last token (for sampling).
+pub enum Want {
+    /// Hidden states of every token, for the next node of the ring.
+    Hidden,
+    /// All logits of the last token (for sampling). Needs a stage with the head.
     Logits,
-    /// Only the id of the largest logit (greedy decoding: one number crosses back).
+    /// Only the id of the largest logit: greedy decoding reads back one number.
     Argmax,
 }
 
 /// What flows out of a stage.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StageOutput {
-    /// Hidden states, (n_tokens, hidden), for the next node of the ring.
+    /// Hidden states, (n_tokens, hidden).
     Hidden(Vec<f32>),
     /// Logits of the last token, (vocab).
     Logits(Vec<f32>),
@@ -35,11 +37,19 @@ pub trait StageEngine {
     /// An empty cache for `max_positions` positions.
     fn new_cache(&mut self, max_positions: usize) -> Result<Self::Cache>;
 
-    /// Run the stage on `input`, the sequence's next tokens, starting at the cache's length.
+    /// Bytes a cache of `max_positions` positions takes, for memory caps and plans.
+    fn cache_bytes(&self, max_positions: usize) -> usize;
+
+    /// Run the stage's layers on `input`, the sequence's next tokens, starting at the cache's
+    /// length; then the head too unless `want` is [`Want::Hidden`].
     fn forward(
         &mut self,
         cache: &mut Self::Cache,
         input: StageInput<'_>,
-        head: HeadMode,
+        want: Want,
     ) -> Result<StageOutput>;
+
+    /// Only the final norm + LM head on one hidden row (hidden): the starter runs this when
+    /// a token's activations come back around the ring.
+    fn head(&mut self, hidden: &[f32], want: Want) -> Result<StageOutput>;
 }

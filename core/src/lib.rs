@@ -22,7 +22,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Config, RopeLayout};
-pub use engine::{HeadMode, StageEngine, StageOutput};
+pub use engine::{StageEngine, StageOutput, Want};
 pub use error::{Error, Result};
 pub use oracle::{KvCache, Oracle, StageInput};
 pub use quant::DType;

@@ -5,7 +5,7 @@
 //! applying the final norm and LM head last: exactly the unit a ring node runs.
 
 use crate::config::{Config, RopeLayout};
-use crate::engine::{HeadMode, StageEngine, StageOutput};
+use crate::engine::{StageEngine, StageOutput, Want};
 use crate::error::{Error, Result};
 use crate::sampling::argmax;
 use crate::weights::{LayerWeights, RawTensor, StageSpec, StageWeights};
@@ -113,7 +113,7 @@ impl Oracle {
         &self,
         cache: &mut KvCache,
         input: StageInput<'_>,
-        mode: HeadMode,
+        want: Want,
     ) -> Result<StageOutput> {
         let c = &self.config;
         let spec = &self.weights.spec;
@@ -171,23 +171,46 @@ impl Oracle {
             );
         }
         cache.len += n_tokens;
-
-        if !spec.head {
-            return Ok(StageOutput::Hidden(x));
+        match want {
+            Want::Hidden => Ok(StageOutput::Hidden(x)),
+            _ => self.head(&x[(n_tokens - 1) * c.hidden..], want),
         }
+    }
+
+    /// Final norm + LM head on one hidden row (hidden).
+    pub fn head(&self, hidden: &[f32], want: Want) -> Result<StageOutput> {
+        let c = &self.config;
         let (Some(norm), Some(head)) = (&self.weights.output_norm, self.weights.head_matrix())
         else {
-            return Err(Error::Input("stage has no head weights".into()));
+            return Err(Error::Input(format!(
+                "stage {:?} does not hold the head",
+                self.weights.spec.layers
+            )));
         };
-        let last = &x[(n_tokens - 1) * c.hidden..]; // (hidden)
-        let mut normed = vec![0.0; c.hidden];
-        rmsnorm(last, &norm.data, c.norm_eps, &mut normed);
+        if hidden.len() != c.hidden {
+            return Err(Error::Input(format!(
+                "head input has {} values, expected one row of {}",
+                hidden.len(),
+                c.hidden
+            )));
+        }
+        let mut normed = vec![0.0; c.hidden]; // (hidden)
+        rmsnorm(hidden, &norm.data, c.norm_eps, &mut normed);
         let mut logits = vec![0.0; c.vocab]; // (vocab)
         matmul(&normed, head, &mut logits);
-        Ok(match mode {
-            HeadMode::Logits => StageOutput::Logits(logits),
-            HeadMode::Argmax => StageOutput::Token(argmax(&logits)),
+        Ok(match want {
+            Want::Argmax => StageOutput::Token(argmax(&logits)),
+            _ => StageOutput::Logits(logits),
         })
+    }
+
+    /// Bytes of a cache for `max_positions` positions.
+    pub fn cache_bytes(&self, max_positions: usize) -> usize {
+        2 * 4
+            * self.weights.layers.len()
+            * self.config.n_kv_heads
+            * max_positions
+            * self.config.head_dim
     }
 
     /// One transformer block over all tokens in `x` (n_tokens, hidden), in place.
@@ -292,13 +315,21 @@ impl StageEngine for Oracle {
         Ok(Oracle::new_cache(self, max_positions))
     }
 
+    fn cache_bytes(&self, max_positions: usize) -> usize {
+        Oracle::cache_bytes(self, max_positions)
+    }
+
     fn forward(
         &mut self,
         cache: &mut KvCache,
         input: StageInput<'_>,
-        head: HeadMode,
+        want: Want,
     ) -> Result<StageOutput> {
-        Oracle::forward(self, cache, input, head)
+        Oracle::forward(self, cache, input, want)
+    }
+
+    fn head(&mut self, hidden: &[f32], want: Want) -> Result<StageOutput> {
+        Oracle::head(self, hidden, want)
     }
 }
 
