@@ -37,6 +37,9 @@ pub trait StageEngine {
     /// An empty cache for `max_positions` positions.
     fn new_cache(&mut self, max_positions: usize) -> Result<Self::Cache>;
 
+    /// Positions a cache already holds: the next token's position.
+    fn cache_len(&self, cache: &Self::Cache) -> usize;
+
     /// Bytes a cache of `max_positions` positions takes, for memory caps and plans.
     fn cache_bytes(&self, max_positions: usize) -> usize;
 

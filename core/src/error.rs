@@ -53,6 +53,9 @@ pub enum Error {
     /// A sequence asked for a position past the context it was given.
     #[error("sequence needs position {position} but its context holds {context} positions")]
     ContextFull { position: usize, context: usize },
+    /// A message from a peer could not be decoded.
+    #[error("wire: {0}")]
+    Wire(String),
     /// A caller passed inputs that do not fit the engine (wrong hidden size, bad layer range).
     #[error("invalid input: {0}")]
     Input(String),

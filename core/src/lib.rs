@@ -14,12 +14,17 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod node;
 pub mod oracle;
+pub mod plan;
 pub mod quant;
+pub mod ring;
 pub mod sampling;
 pub mod source;
+pub mod starter;
 pub mod tokenizer;
 pub mod weights;
+pub mod wire;
 
 pub use config::{Config, RopeLayout};
 pub use engine::{StageEngine, StageOutput, Want};

@@ -315,6 +315,10 @@ impl StageEngine for Oracle {
         Ok(Oracle::new_cache(self, max_positions))
     }
 
+    fn cache_len(&self, cache: &KvCache) -> usize {
+        cache.len()
+    }
+
     fn cache_bytes(&self, max_positions: usize) -> usize {
         Oracle::cache_bytes(self, max_positions)
     }
