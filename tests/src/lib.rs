@@ -6,6 +6,7 @@ use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, Result};
 
+pub mod rings;
 pub mod tiny;
 
 /// The golden reference folder: `$MDI_REFERENCE_DIR`, else `shared/reference` beside the

@@ -1,0 +1,73 @@
+//! Rings of CPU oracles linked by in-memory queues, and the single-node reference they are
+//! compared with.
+
+use mdi::generate::{generate, Request};
+use mdi_core::node::{Node, NodeConfig};
+use mdi_core::ring::{even_ranges, stage_specs, LocalRing};
+use mdi_core::starter::{SeqRequest, Starter, StarterConfig};
+use mdi_core::weights::TensorStore;
+use mdi_core::wire::WireDtype;
+use mdi_core::{Config, Oracle, StageSpec, StageWeights};
+
+pub fn oracle(store: &dyn TensorStore, config: &Config, spec: &StageSpec) -> Oracle {
+    Oracle::new(
+        config.clone(),
+        StageWeights::load(store, config, spec).unwrap(),
+    )
+    .unwrap()
+}
+
+/// A ring of `n` nodes over even layer ranges, `in_flight` sequences at once.
+pub fn build_ring(
+    store: &dyn TensorStore,
+    config: &Config,
+    n: usize,
+    in_flight: usize,
+    wire: WireDtype,
+    max_message: usize,
+) -> LocalRing<Oracle> {
+    let specs = stage_specs(&even_ranges(config.n_layers, n));
+    let starter = Starter::new(
+        StarterConfig {
+            n_nodes: n,
+            hidden: config.hidden,
+            wire,
+            max_message,
+            context: config.context,
+            in_flight,
+        },
+        oracle(store, config, &specs[0]),
+    );
+    let nodes = specs[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            Node::new(
+                NodeConfig {
+                    index: i as u32 + 1,
+                    is_last: i + 2 == n,
+                    hidden: config.hidden,
+                    wire,
+                    max_message,
+                    default_positions: config.context,
+                    max_tokens: config.context,
+                    kv_cap_bytes: usize::MAX,
+                },
+                oracle(store, config, spec),
+            )
+        })
+        .collect();
+    LocalRing::new(starter, nodes)
+}
+
+pub fn single_node(store: &dyn TensorStore, config: &Config, req: &SeqRequest) -> Vec<u32> {
+    let mut engine = oracle(store, config, &StageSpec::whole(config));
+    let r = Request {
+        prompt_tokens: req.prompt_tokens.clone(),
+        max_tokens: req.max_tokens,
+        params: req.params,
+        eos_ids: req.eos_ids.clone(),
+        context: config.context,
+    };
+    generate(&mut engine, &r, |_| Ok(())).unwrap().tokens
+}
