@@ -76,6 +76,8 @@ pub struct Starter<E: StageEngine> {
     looped: VecDeque<(u64, Vec<f32>)>,
     reassembler: Reassembler,
     next_seq: u64,
+    kv_used: usize,
+    kv_peak: usize,
 }
 
 impl<E: StageEngine> Starter<E> {
@@ -88,6 +90,8 @@ impl<E: StageEngine> Starter<E> {
             waiting: VecDeque::new(),
             looped: VecDeque::new(),
             next_seq: 1,
+            kv_used: 0,
+            kv_peak: 0,
         }
     }
 
@@ -107,6 +111,11 @@ impl<E: StageEngine> Starter<E> {
 
     pub fn engine(&self) -> &E {
         &self.engine
+    }
+
+    /// Bytes held by this node's KV caches now, and at most so far.
+    pub fn kv_bytes(&self) -> (usize, usize) {
+        (self.kv_used, self.kv_peak)
     }
 
     /// Admit waiting sequences while there is room; returns messages for node 1.
@@ -219,6 +228,8 @@ impl<E: StageEngine> Starter<E> {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.kv_used += self.engine.cache_bytes(positions);
+        self.kv_peak = self.kv_peak.max(self.kv_used);
         out.push(wire::encode_control(&Control::Start {
             seq,
             positions: positions as u32,
@@ -342,6 +353,7 @@ impl<E: StageEngine> Starter<E> {
         events: &mut Vec<Event>,
     ) {
         if let Some(s) = self.seqs.remove(&seq) {
+            self.kv_used -= self.engine.cache_bytes(s.positions);
             self.reassembler.drop_sequence(seq);
             self.looped.retain(|(q, _)| *q != seq);
             if self.cfg.n_nodes > 1 {
