@@ -1,8 +1,10 @@
 //! Native side of the `mdi` command: files as byte sources, opening a model from disk, the
 //! default-model cache, and the generation loop shared by the CLI and the tests.
 
+pub mod bench;
 pub mod fetch;
 pub mod files;
 pub mod generate;
+pub mod ring;
 
 pub use files::{open_model, FileSource, Model};

@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mdi::generate::{generate, Request};
+use mdi::ring::{RingOptions, TransportKind};
+use mdi_core::starter::{Finish, SeqRequest};
+use mdi_core::wire::WireDtype;
 use mdi_core::{Oracle, SamplingParams, StageSpec, StageWeights};
 
 #[derive(Parser)]
@@ -26,6 +29,24 @@ enum Command {
     Generate(GenerateArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1) into the cache and print its path.
     Fetch,
+    /// Benchmarks that print tables: the ring against one node.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A GGUF file or a Hugging Face checkpoint folder [default: the cached default model].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Nodes of the ring benchmark.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Sequences in flight in the ring benchmark.
+    #[arg(long, default_value_t = 6)]
+    sequences: usize,
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 24)]
+    max_tokens: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -34,17 +55,46 @@ enum Backend {
     Cpu,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Wire {
+    F16,
+    F32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Transport {
+    /// WebRTC data channels over loopback.
+    Webrtc,
+    /// In-process channels.
+    Memory,
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     /// A GGUF file or a Hugging Face checkpoint folder [default: the cached default model].
     #[arg(long)]
     model: Option<PathBuf>,
     /// Raw prompt text; special tokens such as <|im_start|> are parsed.
-    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    #[arg(long, conflicts_with_all = ["chat", "prompts"], required_unless_present_any = ["chat", "prompts"])]
     prompt: Option<String>,
     /// One user message, wrapped in the model's chat template.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prompts")]
     chat: Option<String>,
+    /// JSON Lines of requests: {"prompt": "...", "max_tokens": n} or {"chat": "...", ...}.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Nodes in the ring, each holding only its own layers (1: the single-node engine).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Sequences circulating at once [default: all].
+    #[arg(long)]
+    in_flight: Option<usize>,
+    /// Element type of activations between nodes.
+    #[arg(long, value_enum, default_value = "f16")]
+    wire: Wire,
+    /// What links the nodes of a local ring.
+    #[arg(long, value_enum, default_value = "webrtc")]
+    transport: Transport,
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
     /// 0 picks the most likely token every step (greedy).
@@ -79,6 +129,19 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(args) => run_generate(args),
+        Command::Bench(args) => {
+            let path = match args.model {
+                Some(p) => p,
+                None => mdi::fetch::ensure_default_model()?,
+            };
+            let model = mdi::open_model(&path)?;
+            let rows = mdi::bench::ring(&model, args.nodes, args.sequences, args.max_tokens)?;
+            mdi::bench::print_table(
+                &format!("Ring benchmark: {} ({})", path.display(), model.config.arch),
+                &rows,
+            );
+            Ok(())
+        }
     }
 }
 
@@ -86,16 +149,19 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     if !(args.temperature >= 0.0 && (0.0..=1.0).contains(&args.top_p)) {
         bail!("--temperature must be ≥ 0 and --top-p within 0..=1");
     }
-    let path = match args.model {
+    let path = match args.model.clone() {
         Some(p) => p,
         None => mdi::fetch::ensure_default_model()?,
     };
     let model = mdi::open_model(&path)?;
     let tok = &model.tokenizer;
+    if args.prompts.is_some() || args.nodes > 1 {
+        return run_ring(&args, &model);
+    }
     let prompt_tokens = match (&args.prompt, &args.chat) {
         (Some(p), _) => tok.encode(p, true)?,
         (None, Some(c)) => tok.encode(&tok.chat_prompt(c)?, false)?,
-        (None, None) => bail!("give --prompt or --chat"),
+        (None, None) => bail!("give --prompt, --chat or --prompts"),
     };
     let spec = StageSpec::whole(&model.config);
     let mut engine = match args.backend {
@@ -153,6 +219,122 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             "decode_tok_s": gen.decode_tok_s(),
         });
         writeln!(stdout, "{json}")?;
+    }
+    Ok(())
+}
+
+/// One line of a `--prompts` file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromptLine {
+    prompt: Option<String>,
+    chat: Option<String>,
+    max_tokens: Option<usize>,
+}
+
+/// Requests from `--prompts` (or the single `--prompt`/`--chat`), sampling as the flags say.
+fn read_requests(args: &GenerateArgs, model: &mdi::Model) -> Result<Vec<(Vec<u32>, usize)>> {
+    let tok = &model.tokenizer;
+    let Some(path) = &args.prompts else {
+        let ids = match (&args.prompt, &args.chat) {
+            (Some(p), _) => tok.encode(p, true)?,
+            (None, Some(c)) => tok.encode(&tok.chat_prompt(c)?, false)?,
+            (None, None) => bail!("give --prompt, --chat or --prompts"),
+        };
+        return Ok(vec![(ids, args.max_tokens)]);
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let where_ = || format!("{} line {}", path.display(), i + 1);
+        let p: PromptLine = serde_json::from_str(line).with_context(where_)?;
+        let ids = match (p.prompt, p.chat) {
+            (Some(p), None) => tok.encode(&p, true)?,
+            (None, Some(c)) => tok.encode(&tok.chat_prompt(&c)?, false)?,
+            _ => bail!("{}: give exactly one of \"prompt\" and \"chat\"", where_()),
+        };
+        out.push((ids, p.max_tokens.unwrap_or(args.max_tokens)));
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+fn run_ring(args: &GenerateArgs, model: &mdi::Model) -> Result<()> {
+    let requests = read_requests(args, model)?;
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let seqs: Vec<SeqRequest> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, (ids, max))| SeqRequest {
+            prompt_tokens: ids.clone(),
+            max_tokens: *max,
+            // Each sequence samples on its own stream.
+            params: SamplingParams {
+                seed: params.seed.wrapping_add(i as u64),
+                ..params
+            },
+            eos_ids: model.config.eos_ids.clone(),
+        })
+        .collect();
+    let opts = RingOptions {
+        nodes: args.nodes,
+        in_flight: args.in_flight.unwrap_or(seqs.len()),
+        wire: match args.wire {
+            Wire::F16 => WireDtype::F16,
+            Wire::F32 => WireDtype::F32,
+        },
+        transport: match args.transport {
+            Transport::Webrtc => TransportKind::WebRtc,
+            Transport::Memory => TransportKind::InProcess,
+        },
+    };
+    let run = mdi::ring::run_ring(model, seqs, &opts)?;
+    let tok = &model.tokenizer;
+    let mut stdout = std::io::stdout();
+    for (i, ((ids, _), tokens)) in requests.iter().zip(&run.tokens).enumerate() {
+        let text = tok.decode(tokens)?;
+        if let Some(Finish::Error(e)) = &run.finish[i] {
+            eprintln!("sequence {i} failed: {e}");
+        }
+        if args.json {
+            let line = serde_json::json!({
+                "index": i, "prompt_tokens": ids, "tokens": tokens, "text": text,
+            });
+            writeln!(stdout, "{line}")?;
+        } else {
+            writeln!(stdout, "[{i}] {text}")?;
+        }
+    }
+    for e in &run.node_errors {
+        eprintln!("ring: {e}");
+    }
+    if args.json {
+        let summary = serde_json::json!({"summary": {
+            "nodes": args.nodes,
+            "tok_s": run.tok_s(),
+            "per_node": run.per_node,
+            "hop_latency_ms_p50": run.hop_latency_p50(),
+        }});
+        writeln!(stdout, "{summary}")?;
+    } else {
+        eprintln!(
+            "{} tokens in {:.2} s: {:.1} tok/s over {} nodes",
+            run.generated(),
+            run.elapsed.as_secs_f64(),
+            run.tok_s(),
+            args.nodes
+        );
     }
     Ok(())
 }

@@ -1,0 +1,21 @@
+//! One hop of the ring: an ordered, reliable, message-oriented link with backpressure.
+//!
+//! A node sends activation frames to its successor through a [`Link`] and reads its
+//! predecessor's frames from an [`Inbox`]. Both are thin handles over the [`LinkTx`] /
+//! [`LinkRx`] traits, so the node runtime is written once and runs over any transport:
+//! [`in_process`] bounded channels (tests, single-process rings), native WebRTC data channels
+//! ([`webrtc`], loopback only for now) and, later, the browser's `RTCDataChannel`.
+//!
+//! Every transport promises the same things: messages arrive whole and in order or the link
+//! reports itself closed; `send` waits (instead of buffering without bound) while too much is
+//! in flight; a message larger than [`Link::max_message_size`] is refused, because chunking
+//! frames belongs to the protocol layer, which knows where frame boundaries are.
+
+mod error;
+pub mod in_process;
+mod link;
+#[cfg(not(target_family = "wasm"))]
+pub mod webrtc;
+
+pub use error::{Error, Result};
+pub use link::{BoxFuture, Inbox, Link, LinkRx, LinkTx, MaybeSend, MaybeSync};
