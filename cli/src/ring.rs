@@ -122,7 +122,7 @@ async fn ring_links(
     n: usize,
     kind: TransportKind,
 ) -> Result<(Vec<Link>, Vec<Inbox>, Vec<Box<dyn Send>>)> {
-    let mut out: Vec<Option<Link>> = (0..n).map(|_| None).collect();
+    let mut out: Vec<Link> = Vec::with_capacity(n);
     let mut inb: Vec<Option<Inbox>> = (0..n).map(|_| None).collect();
     let mut keep: Vec<Box<dyn Send>> = Vec::new();
     for i in 0..n {
@@ -131,24 +131,20 @@ async fn ring_links(
             TransportKind::InProcess => {
                 let cfg = mdi_transport::in_process::InProcessConfig::default();
                 let (l, r) = mdi_transport::in_process::link(&cfg, &format!("{i}->{to}"));
-                out[i] = Some(l);
+                out.push(l);
                 inb[to] = Some(r);
             }
             TransportKind::WebRtc => {
                 let ((a_tx, a_rx), (b_tx, b_rx)) = mdi_transport::webrtc::connect_pair_in_process()
                     .await
                     .with_context(|| format!("linking node {i} to node {to} over WebRTC"))?;
-                out[i] = Some(a_tx);
+                out.push(a_tx);
                 inb[to] = Some(b_rx);
                 // The reverse direction is unused; keep it open so the connection stays up.
                 keep.push(Box::new((a_rx, b_tx)));
             }
         }
     }
-    let out = out
-        .into_iter()
-        .map(|l| l.expect("every link made"))
-        .collect();
     let inb = inb
         .into_iter()
         .map(|l| l.expect("every inbox made"))

@@ -150,7 +150,10 @@ pub fn plan(cost: &ModelCost, nodes: &[NodeProfile], kv_tokens: u64) -> Result<P
             "{n} nodes cannot share {l} layers: every node needs at least one layer"
         )));
     }
-    if let Some(bad) = nodes.iter().position(|p| !(p.speed > 0.0)) {
+    if let Some(bad) = nodes
+        .iter()
+        .position(|p| p.speed.is_nan() || p.speed <= 0.0)
+    {
         return Err(Error::Input(format!("node {bad} has no positive speed")));
     }
     // Prefix sums so any range's cost is O(1).
@@ -179,9 +182,9 @@ pub fn plan(cost: &ModelCost, nodes: &[NodeProfile], kv_tokens: u64) -> Result<P
     let inf = f64::INFINITY;
     let mut best = vec![vec![inf; l + 1]; n];
     let mut cut = vec![vec![0usize; l + 1]; n];
-    for j in 1..=l {
+    for (j, b) in best[0].iter_mut().enumerate().skip(1) {
         if let Some((_, _, t)) = stage(0, 0, j) {
-            best[0][j] = t;
+            *b = t;
         }
     }
     for i in 1..n {

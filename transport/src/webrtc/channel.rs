@@ -123,6 +123,7 @@ impl Channel {
             inbox_tx,
             granted_tx,
             consumed.clone(),
+            window,
         ));
         tokio::spawn(grant_credit(
             dc.clone(),
@@ -196,7 +197,11 @@ async fn pump(
     inbox: mpsc::UnboundedSender<Vec<u8>>,
     granted: watch::Sender<u64>,
     consumed: Arc<watch::Sender<u64>>,
+    window: u64,
 ) {
+    // Cumulative binary bytes received; a peer honouring our credit never gets more than a
+    // window ahead of what was consumed.
+    let mut received = 0u64;
     loop {
         if is_terminal(*conn.borrow_and_update()) {
             break;
@@ -228,6 +233,13 @@ async fn pump(
             }
             Some(DataChannelEvent::OnMessage(msg)) => {
                 let len = msg.data.len() as u64;
+                received += len;
+                if received - *consumed.borrow() > window {
+                    // The peer ignores credit; queueing on would let it grow our memory
+                    // without bound. Treat it as a broken link.
+                    let _ = dc.close().await;
+                    break;
+                }
                 if inbox.send(Vec::from(msg.data)).is_err() {
                     // Nobody will read it: count it consumed so the peer is not left waiting
                     // for credit that would never come.
