@@ -24,3 +24,25 @@ if command -v rustup >/dev/null 2>&1; then
   rustup target list --installed | grep -q wasm32-unknown-unknown \
     || rustup target add wasm32-unknown-unknown
 fi
+
+# ---- Browser tests (scripts/test-browser.sh): headless Chromium with chromedriver, and the
+# wasm-bindgen test runner at exactly the version gpu/Cargo.toml pins `wasm-bindgen` to.
+WASM_BINDGEN_VERSION=0.2.130
+need_apt=()
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: apt-get install ${need_apt[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: please install ${need_apt[*]} (needs root and apt-get)" >&2
+  fi
+fi
+if command -v cargo >/dev/null 2>&1 \
+  && [ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $WASM_BINDGEN_VERSION" ]; then
+  # No --locked: some locked dependency versions are not served by the registry.
+  echo "setup: cargo install wasm-bindgen-cli --version $WASM_BINDGEN_VERSION"
+  cargo install wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
+fi

@@ -12,3 +12,5 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "${XDG_RUNTIME_DIR}" ]; then
   export XDG_RUNTIME_DIR
 fi
 cargo test --workspace --release "$@"
+# The same GPU kernel tests again, compiled to wasm32, in headless Chromium's WebGPU.
+scripts/test-browser.sh

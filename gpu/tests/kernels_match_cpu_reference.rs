@@ -5,9 +5,11 @@
 //! past its inputs (the KV cache beyond the causal window is NaN too) or decodes a block wrongly
 //! fails here.
 //!
-//! Bodies take `&GpuContext` so they can also run in a browser (wasm-bindgen-test); natively
-//! each `#[test]` wrapper runs its body on one shared device. Without an adapter the tests fail
-//! with instructions instead of passing vacuously.
+//! Bodies take `&GpuContext` and are written once: natively each `#[test]` wrapper runs its body
+//! on one shared device (lavapipe without a GPU); on wasm32 each `#[wasm_bindgen_test]` wrapper
+//! runs the same body in headless Chromium's WebGPU (SwiftShader: no shader-f16, 256 invocations
+//! per workgroup), see `scripts/test-browser.sh`. Without an adapter the tests fail with
+//! instructions instead of passing vacuously.
 
 use anyhow::{ensure, Context, Result};
 use mdi_core::quant::{dequantize, quantize, DType};
@@ -17,6 +19,20 @@ use mdi_gpu::{
     submit, AttentionShape, Dispatch, GpuContext, GpuWeight, Kernels, KvCache, Product, RopeLayout,
     RopeTable, Strategy, Tuning,
 };
+
+#[cfg(target_arch = "wasm32")]
+wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+
+/// Progress lines (tolerance margins): stderr natively, the browser console on wasm32, where
+/// stderr goes nowhere. Both show with `--nocapture` or on failure.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        #[cfg(not(target_arch = "wasm32"))]
+        eprintln!($($t)*);
+        #[cfg(target_arch = "wasm32")]
+        wasm_bindgen_test::console_log!($($t)*);
+    }};
+}
 
 // ---------- helpers ----------
 
@@ -59,7 +75,7 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 fn check(what: &str, got: &[f32], want: &[f32], tol: f64) -> Result<()> {
     let err = rel_l2(got, want);
     // Visible with --nocapture: how far inside the tolerance each path is.
-    eprintln!("{what}: relative L2 error {err:.1e} (tolerance {tol:.0e})");
+    note!("{what}: relative L2 error {err:.1e} (tolerance {tol:.0e})");
     ensure!(err <= tol, "{what}: relative L2 error {err:e} > {tol:e}");
     Ok(())
 }
@@ -84,6 +100,30 @@ fn shared_context() -> &'static GpuContext {
         Ok(ctx) => ctx,
         Err(e) => panic!("GPU kernel tests need an adapter: {e}"),
     })
+}
+
+/// The browser's device, opened by the first test and kept for the page's lifetime (tests in
+/// one page run one after another on the single JS thread).
+#[cfg(target_arch = "wasm32")]
+async fn shared_context() -> std::rc::Rc<GpuContext> {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    thread_local!(static CTX: RefCell<Option<Rc<GpuContext>>> = const { RefCell::new(None) });
+    if let Some(ctx) = CTX.with(|c| c.borrow().clone()) {
+        return ctx;
+    }
+    let ctx = match GpuContext::new().await {
+        Ok(ctx) => Rc::new(ctx),
+        Err(e) => panic!("GPU kernel tests need a WebGPU adapter in the browser: {e}"),
+    };
+    note!("browser adapter: {:?}", ctx.info);
+    CTX.with(|c| *c.borrow_mut() = Some(ctx.clone()));
+    ctx
+}
+
+/// The adapter for failure messages (browsers report no name, so the backend too).
+fn adapter(ctx: &GpuContext) -> String {
+    format!("{:?} adapter `{}`", ctx.info.backend, ctx.info.name)
 }
 
 fn both_tunings() -> [Tuning; 2] {
@@ -608,24 +648,50 @@ async fn bad_arguments_are_errors(ctx: &GpuContext) -> Result<()> {
     Ok(())
 }
 
-// ---------- native wrappers ----------
+async fn cpu_adapters_get_row_per_thread_kernels(ctx: &GpuContext) -> Result<()> {
+    let t = Tuning::for_context(ctx);
+    ensure!(
+        ctx.is_cpu() == (t.strategy == Strategy::RowPerThread),
+        "{:?}: {t:?}",
+        ctx.info
+    );
+    let max = ctx.limits.max_compute_invocations_per_workgroup;
+    ensure!(
+        [t.wg, t.reduce_wg, t.attention_wg, t.argmax_wg]
+            .iter()
+            .all(|&wg| wg <= max),
+        "{t:?} exceeds {max} invocations per workgroup"
+    );
+    Ok(())
+}
 
-macro_rules! native {
+// ---------- wrappers: one module per body, `#[test]` natively, `#[wasm_bindgen_test]` on wasm32 ----------
+
+macro_rules! on_every_target {
     ($($name:ident),* $(,)?) => {$(
-        #[cfg(not(target_arch = "wasm32"))]
         mod $name {
+            #[cfg(not(target_arch = "wasm32"))]
             #[test]
             fn on_default_adapter() {
                 let ctx = super::shared_context();
                 if let Err(e) = pollster::block_on(super::$name(ctx)) {
-                    panic!("{} on {}: {e:#}", stringify!($name), ctx.info.name);
+                    panic!("{} on {}: {e:#}", stringify!($name), super::adapter(&ctx));
+                }
+            }
+
+            #[cfg(target_arch = "wasm32")]
+            #[wasm_bindgen_test::wasm_bindgen_test]
+            async fn on_default_adapter() {
+                let ctx = super::shared_context().await;
+                if let Err(e) = super::$name(&ctx).await {
+                    panic!("{} on {}: {e:#}", stringify!($name), super::adapter(&ctx));
                 }
             }
         }
     )*};
 }
 
-native!(
+on_every_target!(
     embed_gathers_rows,
     rms_norm_matches,
     matvec_matches,
@@ -635,17 +701,5 @@ native!(
     swiglu_and_add_match,
     argmax_is_exact,
     bad_arguments_are_errors,
+    cpu_adapters_get_row_per_thread_kernels,
 );
-
-#[cfg(not(target_arch = "wasm32"))]
-#[test]
-fn cpu_adapters_get_row_per_thread_kernels() {
-    let ctx = shared_context();
-    let t = Tuning::for_context(ctx);
-    assert_eq!(
-        ctx.is_cpu(),
-        t.strategy == Strategy::RowPerThread,
-        "{:?}: {t:?}",
-        ctx.info
-    );
-}
