@@ -6,11 +6,15 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use mdi::generate::{generate, Request};
+use std::sync::Arc;
+
+use mdi::generate::{generate, Generation, Request};
 use mdi::ring::{RingOptions, TransportKind};
 use mdi_core::starter::{Finish, SeqRequest};
 use mdi_core::wire::WireDtype;
 use mdi_core::{Oracle, SamplingParams, StageSpec, StageWeights};
+use mdi_core::{StageEngine, Tokenizer};
+use mdi_gpu::{GpuContext, GpuEngine};
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +33,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1) into the cache and print its path.
     Fetch,
-    /// Benchmarks that print tables: the ring against one node.
+    /// Benchmarks that print tables: the GPU engine against the adapter's own bounds, and the
+    /// ring against one node.
     Bench(BenchArgs),
 }
 
@@ -47,10 +52,20 @@ struct BenchArgs {
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 24)]
     max_tokens: usize,
+    /// Leave out the GPU engine benchmark.
+    #[arg(long)]
+    skip_gpu: bool,
+    /// Leave out the ring benchmark.
+    #[arg(long)]
+    skip_ring: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum Backend {
+    /// The GPU engine when a GPU adapter exists (lavapipe counts), else the CPU oracle.
+    Auto,
+    /// WGSL kernels through wgpu; weights stay quantized in GPU memory.
+    Gpu,
     /// The plain f32 CPU oracle.
     Cpu,
 }
@@ -108,7 +123,7 @@ struct GenerateArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, value_enum, default_value = "auto")]
     backend: Backend,
     /// Print one JSON object with tokens, text and speeds after the text.
     #[arg(long)]
@@ -135,14 +150,64 @@ fn run(cli: Cli) -> Result<()> {
                 None => mdi::fetch::ensure_default_model()?,
             };
             let model = mdi::open_model(&path)?;
-            let rows = mdi::bench::ring(&model, args.nodes, args.sequences, args.max_tokens)?;
-            mdi::bench::print_table(
-                &format!("Ring benchmark: {} ({})", path.display(), model.config.arch),
-                &rows,
-            );
+            if !args.skip_gpu {
+                let ctx = Arc::new(pollster::block_on(GpuContext::new())?);
+                let spec = StageSpec::whole(&model.config);
+                let weights = StageWeights::load(model.store.as_ref(), &model.config, &spec)?;
+                let report =
+                    mdi_gpu::bench::run(ctx, model.config.clone(), weights, &Default::default())?;
+                mdi_gpu::bench::print_table(&report);
+            }
+            if !args.skip_ring {
+                let rows = mdi::bench::ring(&model, args.nodes, args.sequences, args.max_tokens)?;
+                mdi::bench::print_table(
+                    &format!("Ring benchmark: {} ({})", path.display(), model.config.arch),
+                    &rows,
+                );
+            }
             Ok(())
         }
     }
+}
+
+/// The GPU to use for `backend`, or `None` for the CPU oracle.
+fn gpu_context(backend: Backend) -> Result<Option<Arc<GpuContext>>> {
+    if backend == Backend::Cpu {
+        return Ok(None);
+    }
+    match pollster::block_on(GpuContext::new()) {
+        Ok(ctx) => Ok(Some(Arc::new(ctx))),
+        Err(e) if backend == Backend::Auto => {
+            eprintln!("note: no GPU adapter ({e}); using the CPU oracle");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Generate on `engine`, streaming text to stdout as tokens arrive: decode everything
+/// generated so far and print what is new, holding back while the tail is an incomplete
+/// UTF-8 sequence.
+fn stream<E: StageEngine>(engine: &mut E, req: &Request, tok: &Tokenizer) -> Result<Generation> {
+    let mut ids = Vec::new();
+    let mut printed = 0;
+    let mut stdout = std::io::stdout();
+    let gen = generate(engine, req, |t| {
+        ids.push(t);
+        let text = tok.decode(&ids)?;
+        if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
+            stdout.write_all(&text.as_bytes()[printed..])?;
+            stdout.flush()?;
+            printed = text.len();
+        }
+        Ok(())
+    })?;
+    let text = tok.decode(&gen.tokens)?;
+    if text.len() > printed && text.is_char_boundary(printed) {
+        stdout.write_all(&text.as_bytes()[printed..])?;
+    }
+    writeln!(stdout)?;
+    Ok(gen)
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
@@ -164,13 +229,8 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         (None, None) => bail!("give --prompt, --chat or --prompts"),
     };
     let spec = StageSpec::whole(&model.config);
-    let mut engine = match args.backend {
-        Backend::Cpu => {
-            let weights = StageWeights::load(model.store.as_ref(), &model.config, &spec)
-                .with_context(|| format!("loading {}", path.display()))?;
-            Oracle::new(model.config.clone(), weights)?
-        }
-    };
+    let weights = StageWeights::load(model.store.as_ref(), &model.config, &spec)
+        .with_context(|| format!("loading {}", path.display()))?;
     let req = Request {
         prompt_tokens,
         max_tokens: args.max_tokens,
@@ -184,32 +244,22 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         context: model.config.context,
     };
 
-    // Stream text: decode everything generated so far and print what is new, holding back
-    // while the tail is an incomplete UTF-8 sequence.
-    let mut ids = Vec::new();
-    let mut printed = 0;
-    let mut stdout = std::io::stdout();
-    let gen = generate(&mut engine, &req, |t| {
-        ids.push(t);
-        let text = tok.decode(&ids)?;
-        if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
-            stdout.write_all(&text.as_bytes()[printed..])?;
-            stdout.flush()?;
-            printed = text.len();
+    let gen = match gpu_context(args.backend)? {
+        Some(ctx) => {
+            let max_batch = req.prompt_tokens.len().clamp(1, 128);
+            let mut engine = GpuEngine::new(ctx, model.config.clone(), weights, max_batch)?;
+            stream(&mut engine, &req, tok)?
         }
-        Ok(())
-    })?;
+        None => stream(&mut Oracle::new(model.config.clone(), weights)?, &req, tok)?,
+    };
     let text = tok.decode(&gen.tokens)?;
-    if text.len() > printed && text.is_char_boundary(printed) {
-        stdout.write_all(&text.as_bytes()[printed..])?;
-    }
-    writeln!(stdout)?;
     if gen.hit_context {
         eprintln!(
             "note: stopped at the model's context of {} positions",
             req.context
         );
     }
+    let mut stdout = std::io::stdout();
     if args.json {
         let json = serde_json::json!({
             "prompt_tokens": req.prompt_tokens,
@@ -299,7 +349,13 @@ fn run_ring(args: &GenerateArgs, model: &mdi::Model) -> Result<()> {
             Transport::Memory => TransportKind::InProcess,
         },
     };
-    let run = mdi::ring::run_ring(model, seqs, &opts)?;
+    let run = match gpu_context(args.backend)? {
+        // Every node gets its own engine; on one machine they share the device.
+        Some(ctx) => mdi::ring::run_ring_with(model, seqs, &opts, |config, weights| {
+            Ok(GpuEngine::new(ctx.clone(), config.clone(), weights, 128)?)
+        })?,
+        None => mdi::ring::run_ring(model, seqs, &opts)?,
+    };
     let tok = &model.tokenizer;
     let mut stdout = std::io::stdout();
     for (i, ((ids, _), tokens)) in requests.iter().zip(&run.tokens).enumerate() {

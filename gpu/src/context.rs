@@ -47,13 +47,16 @@ impl GpuContext {
         let wanted = wgpu::Limits {
             max_storage_buffer_binding_size: adapter_limits.max_storage_buffer_binding_size,
             max_buffer_size: adapter_limits.max_buffer_size,
+            max_uniform_buffer_binding_size: adapter_limits.max_uniform_buffer_binding_size,
             ..Default::default()
         };
         let mut last_error = String::new();
+        // Timestamp queries where offered: the benchmark times kernels with them.
+        let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
         for limits in [wanted, adapter_limits] {
             let desc = wgpu::DeviceDescriptor {
                 label: Some("mdi"),
-                required_features: wgpu::Features::empty(),
+                required_features: features,
                 required_limits: limits.clone(),
                 ..Default::default()
             };

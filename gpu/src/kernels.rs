@@ -6,12 +6,23 @@
 //! A `Dispatch` owns its bind group and parameter buffer, so the engine can build the
 //! dispatches of a layer once and replay them; tests build, run and read back.
 //! Buffers are bound whole; offsets into them are element offsets in the parameters, which
-//! avoids the binding-offset alignment rules.
+//! avoids the binding-offset alignment rules. The one exception is the uniform window through
+//! which CPU adapters read a product's input ([`Tuning::uniform_x`]): at most 64 KiB, bound
+//! from an aligned offset, with the rest of the offset in the parameters.
+//!
+//! Why the CPU variants look as they do (lavapipe, Mesa 22): every storage-buffer load is a
+//! loop over the SIMD lanes, one scalar per lane and component, so the number of loaded
+//! components bounds a kernel; uniform loads at a lane-uniform index are one load and a
+//! broadcast (other uniform loads a vector gather); barriers split a shader into coroutines; and
+//! private arrays indexed by loop counters live in memory, so the hot loops are written out.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use mdi_shaders::{render, RopeLayout, Strategy, Variant, MAX_HEAD_DIM};
+use mdi_shaders::{
+    render, RopeLayout, Strategy, Variant, MATVEC_ROWS_PER_THREAD, MAX_ATTENTION_GROUP,
+    MAX_ATTENTION_GROUP_DIM, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM, MAX_X_WINDOW,
+};
 use wgpu::util::DeviceExt;
 
 use crate::context::GpuContext;
@@ -28,20 +39,33 @@ pub struct Tuning {
     pub wg: u32,
     /// Workgroup size of row-per-workgroup reductions.
     pub reduce_wg: u32,
-    /// Workgroup size of attention (positions scored per step).
+    /// Workgroup size of attention (positions scored per step; with `RowPerThread`, (token,
+    /// KV head) pairs per workgroup).
     pub attention_wg: u32,
     /// Workgroup size of argmax.
     pub argmax_wg: u32,
+    /// Workgroup size of row-per-thread matvec (small, so short matrices still make several
+    /// workgroups for a CPU driver's threads).
+    pub matvec_wg: u32,
+    /// Position splits of decode attention with row-per-thread kernels (1: one pass).
+    pub attention_splits: u32,
+    /// Bind matvec's x as a uniform where possible (CPU drivers load uniforms at a uniform
+    /// index once per SIMD group instead of lane by lane).
+    pub uniform_x: bool,
 }
 
 impl Tuning {
-    /// For CPU drivers (lavapipe): one row per invocation, as few barriers as possible.
+    /// For CPU drivers (lavapipe): a few rows per invocation, no barriers, inputs of products
+    /// read as uniforms, decode attention split over positions.
     pub const CPU: Tuning = Tuning {
         strategy: Strategy::RowPerThread,
         wg: 64,
         reduce_wg: 64,
         attention_wg: 8,
         argmax_wg: 64,
+        matvec_wg: 16,
+        attention_splits: 16,
+        uniform_x: true,
     };
 
     /// For GPUs: cooperative rows.
@@ -51,6 +75,9 @@ impl Tuning {
         reduce_wg: 64,
         attention_wg: 64,
         argmax_wg: 256,
+        matvec_wg: 64,
+        attention_splits: 1,
+        uniform_x: false,
     };
 
     /// Picks by adapter type, with workgroups clamped to the device's invocation limit.
@@ -68,6 +95,7 @@ impl Tuning {
             reduce_wg: t.reduce_wg.min(cap),
             attention_wg: t.attention_wg.min(cap),
             argmax_wg: t.argmax_wg.min(cap),
+            matvec_wg: t.matvec_wg.min(cap),
             ..t
         }
     }
@@ -210,10 +238,39 @@ struct ProductParams {
     q_offset: u32,
     x_offset: u32,
     y_offset: u32,
-    // matvec: accumulate, pad, pad; matmul: y_stride, n_tokens, accumulate.
+    // matvec: accumulate, split_row, split_offset; matmul: y_stride, n_tokens, accumulate.
     a: u32,
     b: u32,
     c: u32,
+    // matvec: split2_row, split2_offset, pad...;
+    // matmul: split_row, split_offset, split2_row, split2_offset, split_stride, split2_stride.
+    d: [u32; 8],
+}
+
+/// Where the rows of a stacked weight from `row` on go: to `y_offset`, `y_stride` elements
+/// between tokens (in place of the product's `y_offset` and `y_stride`), so matrices stacked in
+/// one weight (FFN gate and up; Q, K and V) are computed by one dispatch into their own
+/// regions. Up to [`MAX_SPLITS`] per product, in increasing `row`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    pub row: u32,
+    pub y_offset: u32,
+    pub y_stride: u32,
+}
+
+/// Most [`Split`]s of one product.
+pub const MAX_SPLITS: usize = 2;
+
+/// (split_row, split_offset, stride) of a part whose first row is `row_start`, with the
+/// offsets moved on by `t_start` tokens (a token chunk's start). Unused entries never apply.
+fn split_params(splits: &[Split], row_start: u32, t_start: u32) -> [(u32, u32, u32); MAX_SPLITS] {
+    let mut out = [(u32::MAX, 0, 0); MAX_SPLITS];
+    for (o, s) in out.iter_mut().zip(splits) {
+        let sr = s.row.saturating_sub(row_start);
+        let offset = s.y_offset + (row_start + sr - s.row) + t_start * s.y_stride;
+        *o = (sr, offset, s.y_stride);
+    }
+    out
 }
 
 #[repr(C)]
@@ -256,7 +313,7 @@ struct KvWriteParams {
     p0: u32,
     cache_offset: u32,
     src_offset: u32,
-    pad: u32,
+    v_src_offset: u32,
 }
 
 #[repr(C)]
@@ -271,6 +328,15 @@ struct AttentionParams {
     cache_offset: u32,
     scale: f32,
 }
+
+/// Byte offset of `p0` (the first new token's position) in the parameters of both
+/// [`Kernels::kv_write`] and [`Kernels::attention`] dispatches. An engine replays those
+/// dispatches at the next position by copying one word there (`copy_buffer_to_buffer` inside
+/// its command encoder) instead of rebuilding bind groups every token.
+pub const P0_PARAM_OFFSET: u64 = std::mem::offset_of!(AttentionParams, p0) as u64;
+
+const _: () =
+    assert!(std::mem::offset_of!(KvWriteParams, p0) == std::mem::offset_of!(AttentionParams, p0));
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -331,8 +397,9 @@ impl Kernels {
             return Err(Error::args(
                 variant.kernel().name(),
                 format!(
-                    "workgroup size {} is not a power of two up to 256",
-                    variant.workgroup_size()
+                    "{}: the workgroup size is not a power of two up to 256, or a size is \
+                     out of the kernel's range",
+                    variant.key()
                 ),
             ));
         }
@@ -397,6 +464,32 @@ impl Kernels {
         buffers: &[&wgpu::Buffer],
         workgroups: [u32; 3],
     ) -> Result<Dispatch> {
+        let resources = buffers.iter().map(|b| b.as_entire_binding()).collect();
+        self.dispatch_bound(ctx, variant, params, resources, workgroups)
+    }
+
+    /// [`Kernels::dispatch`] with explicit resources for bindings 1.. (ranges of buffers).
+    fn dispatch_bound<P: bytemuck::Pod>(
+        &self,
+        ctx: &GpuContext,
+        variant: Variant,
+        params: &P,
+        resources: Vec<wgpu::BindingResource<'_>>,
+        workgroups: [u32; 3],
+    ) -> Result<Dispatch> {
+        let entries = (1..).zip(resources).collect();
+        self.dispatch_entries(ctx, variant, params, entries, workgroups)
+    }
+
+    /// [`Kernels::dispatch`] with explicit (binding, resource) pairs after the parameters.
+    fn dispatch_entries<P: bytemuck::Pod>(
+        &self,
+        ctx: &GpuContext,
+        variant: Variant,
+        params: &P,
+        resources: Vec<(u32, wgpu::BindingResource<'_>)>,
+        workgroups: [u32; 3],
+    ) -> Result<Dispatch> {
         let pipeline = self.pipeline(ctx, &variant)?;
         let key = variant.key();
         let params = ctx
@@ -410,11 +503,8 @@ impl Kernels {
             binding: 0,
             resource: params.as_entire_binding(),
         }];
-        for (i, b) in buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: b.as_entire_binding(),
-            });
+        for (binding, resource) in resources {
+            entries.push(wgpu::BindGroupEntry { binding, resource });
         }
         let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&key),
@@ -520,56 +610,116 @@ impl Kernels {
         self.dispatch(ctx, variant, &p, &[x, weight, out], grid)
     }
 
-    fn check_product(&self, kernel: &'static str, w: &GpuWeight, a: &Product) -> Result<()> {
+    fn check_product(
+        &self,
+        kernel: &'static str,
+        w: &GpuWeight,
+        a: &Product,
+        splits: &[Split],
+    ) -> Result<()> {
+        if splits.len() > MAX_SPLITS || splits.windows(2).any(|p| p[0].row > p[1].row) {
+            return Err(Error::args(
+                kernel,
+                format!("{splits:?}: at most {MAX_SPLITS} splits, in increasing rows"),
+            ));
+        }
+        // The regions of y: (first element, stride, rows).
+        let mut regions = vec![(a.y_offset, a.y_stride, 0usize)];
+        let mut start = 0usize;
+        for s in splits {
+            let row = (s.row as usize).min(w.rows);
+            if let Some(last) = regions.last_mut() {
+                last.2 = row - start;
+            }
+            regions.push((s.y_offset, s.y_stride, 0));
+            start = row;
+        }
+        if let Some(last) = regions.last_mut() {
+            last.2 = w.rows - start;
+        }
         if a.x_offset % 4 != 0 {
             return Err(Error::args(
                 kernel,
                 format!("x_offset {} is not a multiple of 4", a.x_offset),
             ));
         }
-        if (a.y_stride as usize) < w.rows && a.n_tokens > 1 {
-            return Err(Error::args(
-                kernel,
-                format!(
-                    "y_stride {} is less than the {} rows of `{}`",
-                    a.y_stride, w.rows, w.name
-                ),
-            ));
+        for &(_, stride, rows) in &regions {
+            if (stride as usize) < rows && a.n_tokens > 1 {
+                return Err(Error::args(
+                    kernel,
+                    format!(
+                        "y_stride {stride} is less than the {rows} rows of `{}` it separates",
+                        w.name
+                    ),
+                ));
+            }
         }
         let t = a.n_tokens as u64;
         need(kernel, "x", a.x, extent(a.x_offset, t * w.cols as u64))?;
-        let y_end = if t == 0 {
-            0
-        } else {
-            extent(a.y_offset, (t - 1) * a.y_stride as u64 + w.rows as u64)
+        let end = |offset: u32, stride: u32, rows: usize| {
+            if t == 0 || rows == 0 {
+                0
+            } else {
+                extent(offset, (t - 1) * stride as u64 + rows as u64)
+            }
         };
-        need(kernel, "y", a.y, y_end)
+        for (offset, stride, rows) in regions {
+            need(kernel, "y", a.y, end(offset, stride, rows))?;
+        }
+        Ok(())
     }
 
     /// y (+)= W·x for one token (decode). One dispatch per part of W.
     pub fn matvec(&self, ctx: &GpuContext, w: &GpuWeight, a: &Product) -> Result<Vec<Dispatch>> {
+        self.matvec_split(ctx, w, a, &[])
+    }
+
+    /// [`Kernels::matvec`] with the rows of a stacked weight written to regions by `splits`.
+    pub fn matvec_split(
+        &self,
+        ctx: &GpuContext,
+        w: &GpuWeight,
+        a: &Product,
+        splits: &[Split],
+    ) -> Result<Vec<Dispatch>> {
         const K: &str = "matvec";
         if a.n_tokens != 1 {
             return Err(Error::args(K, format!("{} tokens: use matmul", a.n_tokens)));
         }
-        self.check_product(K, w, a)?;
+        self.check_product(K, w, a, splits)?;
         let strategy = self.tuning.strategy;
-        let wg = match strategy {
-            Strategy::RowPerThread => self.tuning.wg,
-            Strategy::RowPerWorkgroup => self.tuning.reduce_wg,
+        let (wg, rows) = match strategy {
+            Strategy::RowPerThread => (self.tuning.matvec_wg, MATVEC_ROWS_PER_THREAD),
+            Strategy::RowPerWorkgroup => (self.tuning.reduce_wg, 1),
+        };
+        // CPU drivers read x much faster as a uniform: bind the vec4s the kernel reads, when
+        // the buffer allows it and they fit the uniform binding limit.
+        let x_vec4s = (a.x_offset as u64 + w.cols as u64).div_ceil(4);
+        let x_window = if self.tuning.uniform_x
+            && strategy == Strategy::RowPerThread
+            && a.x.usage().contains(wgpu::BufferUsages::UNIFORM)
+            && x_vec4s <= MAX_X_WINDOW as u64
+            && x_vec4s * 16 <= ctx.limits.max_uniform_buffer_binding_size
+            && x_vec4s * 16 <= a.x.size()
+        {
+            x_vec4s as u32
+        } else {
+            0
         };
         let variant = Variant::Matvec {
             weights: w.format,
             strategy,
             wg,
+            x_window,
         };
         w.parts
             .iter()
             .map(|part| {
                 let groups = match strategy {
-                    Strategy::RowPerThread => (part.rows as u64).div_ceil(wg as u64),
+                    Strategy::RowPerThread => (part.rows as u64).div_ceil(rows as u64 * wg as u64),
                     Strategy::RowPerWorkgroup => part.rows as u64,
                 };
+                let [s1, s2] = split_params(splits, part.row_start, 0);
                 let p = ProductParams {
                     rows: part.rows,
                     cols: w.cols as u32,
@@ -577,11 +727,21 @@ impl Kernels {
                     x_offset: a.x_offset,
                     y_offset: a.y_offset + part.row_start,
                     a: a.accumulate as u32,
-                    b: 0,
-                    c: 0,
+                    b: s1.0,
+                    c: s1.1,
+                    d: [s2.0, s2.1, 0, 0, 0, 0, 0, 0],
                 };
                 let grid = self.grid(ctx, K, groups)?;
-                self.dispatch(ctx, variant, &p, &[&part.buffer, a.x, a.y], grid)
+                let x = match x_window {
+                    0 => a.x.as_entire_binding(),
+                    n => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: a.x,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(n as u64 * 16),
+                    }),
+                };
+                let resources = vec![part.buffer.as_entire_binding(), x, a.y.as_entire_binding()];
+                self.dispatch_bound(ctx, variant, &p, resources, grid)
             })
             .collect()
     }
@@ -589,58 +749,153 @@ impl Kernels {
     /// Y (+)= X·Wᵀ for `n_tokens` tokens (prefill), each weight unit decoded once for many
     /// tokens (a 64×32 tile on GPUs, 8 tokens per invocation on CPU adapters).
     pub fn matmul(&self, ctx: &GpuContext, w: &GpuWeight, a: &Product) -> Result<Vec<Dispatch>> {
+        self.matmul_split(ctx, w, a, &[])
+    }
+
+    /// [`Kernels::matmul`] with the rows of a stacked weight written to regions by `splits`.
+    pub fn matmul_split(
+        &self,
+        ctx: &GpuContext,
+        w: &GpuWeight,
+        a: &Product,
+        splits: &[Split],
+    ) -> Result<Vec<Dispatch>> {
         const K: &str = "matmul";
-        self.check_product(K, w, a)?;
+        self.check_product(K, w, a, splits)?;
         let strategy = self.tuning.strategy;
-        let variant = Variant::Matmul {
-            weights: w.format,
-            strategy,
-            wg: self.tuning.wg,
-        };
         let max = ctx.limits.max_compute_workgroups_per_dimension;
-        let ty = a.n_tokens.div_ceil(mdi_shaders::MATMUL_TILE_TOKENS);
-        w.parts
-            .iter()
-            .map(|part| {
-                let grid = match strategy {
-                    Strategy::RowPerThread => {
-                        let groups = a.n_tokens.div_ceil(mdi_shaders::MATMUL_TOKENS_PER_THREAD);
-                        let invocations = part.rows as u64 * groups as u64;
-                        self.grid(ctx, K, invocations.div_ceil(self.tuning.wg as u64))?
-                    }
-                    Strategy::RowPerWorkgroup => {
-                        let tx = part.rows.div_ceil(mdi_shaders::MATMUL_TILE_ROWS);
-                        if tx > max || ty > max {
-                            return Err(Error::Limit {
-                                what: format!("matmul tiles of `{}`", w.name),
-                                needed: tx.max(ty) as u64,
-                                limit: max as u64,
-                            });
-                        }
-                        [tx, ty, 1]
-                    }
+        let check = |tx: u32, ty: u32| -> Result<[u32; 3]> {
+            if tx > max || ty > max {
+                return Err(Error::Limit {
+                    what: format!("matmul workgroups of `{}`", w.name),
+                    needed: tx.max(ty) as u64,
+                    limit: max as u64,
+                });
+            }
+            Ok([tx, ty, 1])
+        };
+        if strategy == Strategy::RowPerWorkgroup {
+            let variant = Variant::Matmul {
+                weights: w.format,
+                strategy,
+                wg: self.tuning.wg,
+                x_window: 0,
+            };
+            let ty = a.n_tokens.div_ceil(mdi_shaders::MATMUL_TILE_TOKENS);
+            return w
+                .parts
+                .iter()
+                .map(|part| {
+                    let grid = check(part.rows.div_ceil(mdi_shaders::MATMUL_TILE_ROWS), ty)?;
+                    let [s1, s2] = split_params(splits, part.row_start, 0);
+                    let p = ProductParams {
+                        rows: part.rows,
+                        cols: w.cols as u32,
+                        q_offset: part.q_offset,
+                        x_offset: a.x_offset,
+                        y_offset: a.y_offset + part.row_start,
+                        a: a.y_stride,
+                        b: a.n_tokens,
+                        c: a.accumulate as u32,
+                        d: [s1.0, s1.1, s2.0, s2.1, s1.2, s2.2, 0, 0],
+                    };
+                    self.dispatch(ctx, variant, &p, &[&part.buffer, a.x, a.y], grid)
+                })
+                .collect();
+        }
+        // Row per thread. On CPU drivers X is read as a uniform window of whole tokens, one
+        // dispatch per window; otherwise (or where a window cannot be bound) from storage.
+        let wg = self.tuning.wg;
+        let tpt = mdi_shaders::MATMUL_TOKENS_PER_THREAD;
+        let cols = w.cols as u64;
+        let align = ctx.limits.min_uniform_buffer_offset_alignment.max(4) as u64;
+        let window_bytes = MAX_X_WINDOW as u64 * 16;
+        let chunk = if self.tuning.uniform_x
+            && a.x.usage().contains(wgpu::BufferUsages::UNIFORM)
+            && window_bytes <= ctx.limits.max_uniform_buffer_binding_size
+            && window_bytes <= a.x.size()
+        {
+            // Tokens per window, leaving room to align the binding's start.
+            ((window_bytes - align) / (cols * 4)) as u32 / tpt * tpt
+        } else {
+            0
+        };
+        let mut out = Vec::new();
+        for part in &w.parts {
+            let mut t_start = 0u32;
+            while t_start < a.n_tokens {
+                let t_n = if chunk == 0 {
+                    a.n_tokens
+                } else {
+                    chunk.min(a.n_tokens - t_start)
                 };
+                // The bytes of X this chunk reads, and a window binding that holds them.
+                let first = 4 * (a.x_offset as u64 + t_start as u64 * cols);
+                let len = 4 * t_n as u64 * cols;
+                let window = (chunk > 0)
+                    .then(|| {
+                        let b = (first / align * align)
+                            .min((a.x.size() - window_bytes) / align * align);
+                        (b + window_bytes >= first + len).then_some(b)
+                    })
+                    .flatten();
+                let (x_window, x_offset, x) = match window {
+                    Some(b) => (
+                        MAX_X_WINDOW,
+                        ((first - b) / 4) as u32,
+                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: a.x,
+                            offset: b,
+                            size: std::num::NonZeroU64::new(window_bytes),
+                        }),
+                    ),
+                    None => (0, (first / 4) as u32, a.x.as_entire_binding()),
+                };
+                let variant = Variant::Matmul {
+                    weights: w.format,
+                    strategy,
+                    wg,
+                    x_window,
+                };
+                let [s1, s2] = split_params(splits, part.row_start, t_start);
                 let p = ProductParams {
                     rows: part.rows,
                     cols: w.cols as u32,
                     q_offset: part.q_offset,
-                    x_offset: a.x_offset,
-                    y_offset: a.y_offset + part.row_start,
+                    x_offset,
+                    y_offset: a.y_offset + part.row_start + t_start * a.y_stride,
                     a: a.y_stride,
-                    b: a.n_tokens,
+                    b: t_n,
                     c: a.accumulate as u32,
+                    d: [s1.0, s1.1, s2.0, s2.1, s1.2, s2.2, 0, 0],
                 };
-                self.dispatch(ctx, variant, &p, &[&part.buffer, a.x, a.y], grid)
-            })
-            .collect()
+                let per_group = wg * mdi_shaders::MATMUL_ROWS_PER_THREAD;
+                let grid = check(part.rows.div_ceil(per_group), t_n.div_ceil(tpt))?;
+                let resources = vec![part.buffer.as_entire_binding(), x, a.y.as_entire_binding()];
+                out.push(self.dispatch_bound(ctx, variant, &p, resources, grid)?);
+                t_start += t_n;
+            }
+        }
+        Ok(out)
     }
 
     /// [`Kernels::matvec`] for one token, [`Kernels::matmul`] for more.
     pub fn linear(&self, ctx: &GpuContext, w: &GpuWeight, a: &Product) -> Result<Vec<Dispatch>> {
+        self.linear_split(ctx, w, a, &[])
+    }
+
+    /// [`Kernels::linear`] with the rows of a stacked weight written to regions by `splits`.
+    pub fn linear_split(
+        &self,
+        ctx: &GpuContext,
+        w: &GpuWeight,
+        a: &Product,
+        splits: &[Split],
+    ) -> Result<Vec<Dispatch>> {
         if a.n_tokens == 1 {
-            self.matvec(ctx, w, a)
+            self.matvec_split(ctx, w, a, splits)
         } else {
-            self.matmul(ctx, w, a)
+            self.matmul_split(ctx, w, a, splits)
         }
     }
 
@@ -733,11 +988,27 @@ impl Kernels {
         n_tokens: u32,
         p0: u32,
     ) -> Result<Dispatch> {
+        let new = [(k_new, src_offset), (v_new, src_offset)];
+        self.kv_write_at(ctx, shape, cache, new, n_tokens, p0)
+    }
+
+    /// [`Kernels::kv_write`] with the new K and V rows each at its own (buffer, element
+    /// offset); they may share a buffer.
+    pub fn kv_write_at(
+        &self,
+        ctx: &GpuContext,
+        shape: &AttentionShape,
+        cache: &KvCache,
+        new: [(&wgpu::Buffer, u32); 2],
+        n_tokens: u32,
+        p0: u32,
+    ) -> Result<Dispatch> {
         const K: &str = "kv_write";
+        let [(k_new, k_offset), (v_new, v_offset)] = new;
         Self::check_attention(K, shape, cache, n_tokens, p0)?;
         let n = n_tokens as u64 * shape.n_kv_heads as u64 * shape.head_dim as u64;
-        need(K, "k_new", k_new, extent(src_offset, n))?;
-        need(K, "v_new", v_new, extent(src_offset, n))?;
+        need(K, "k_new", k_new, extent(k_offset, n))?;
+        need(K, "v_new", v_new, extent(v_offset, n))?;
         let p = KvWriteParams {
             n_tokens,
             n_kv_heads: shape.n_kv_heads,
@@ -745,8 +1016,8 @@ impl Kernels {
             max_positions: shape.max_positions,
             p0,
             cache_offset: cache.offset,
-            src_offset,
-            pad: 0,
+            src_offset: k_offset,
+            v_src_offset: v_offset,
         };
         let grid = self.grid(ctx, K, n.div_ceil(self.tuning.wg as u64))?;
         let variant = Variant::KvWrite { wg: self.tuning.wg };
@@ -781,28 +1052,137 @@ impl Kernels {
             cache_offset: cache.offset,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
         };
-        let grid = self.grid(ctx, K, n_tokens as u64 * shape.n_heads as u64)?;
-        let variant = Variant::Attention {
-            wg: self.tuning.attention_wg,
+        let group = shape.n_heads / shape.n_kv_heads;
+        let (variant, groups) = if self.tuning.strategy == Strategy::RowPerThread
+            && shape.head_dim % 4 == 0
+            && cache.offset % 4 == 0
+            && group <= MAX_ATTENTION_GROUP
+            && group * shape.head_dim <= MAX_ATTENTION_GROUP_DIM
+        {
+            // Barrier-free: one invocation per (token, KV head).
+            let wg = self.tuning.attention_wg;
+            let v = Variant::AttentionRpt {
+                wg,
+                head_dim: shape.head_dim,
+                group,
+                splits: 1,
+                combine: false,
+            };
+            let n = n_tokens as u64 * shape.n_kv_heads as u64;
+            (v, n.div_ceil(wg as u64))
+        } else {
+            let v = Variant::Attention {
+                wg: self.tuning.attention_wg,
+            };
+            (v, n_tokens as u64 * shape.n_heads as u64)
         };
+        let grid = self.grid(ctx, K, groups)?;
         self.dispatch(ctx, variant, &p, &[q, cache.k, cache.v, out], grid)
     }
 
+    /// [`Kernels::attention`], split over positions where the tuning asks for it
+    /// (`attention_splits` > 1, row-per-thread kernels): a pass per (token, KV head, split)
+    /// into a partials buffer made here, then a pass combining them into `out`. Both passes'
+    /// parameters hold `p0` at [`P0_PARAM_OFFSET`]. Otherwise the single dispatch of
+    /// [`Kernels::attention`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_split(
+        &self,
+        ctx: &GpuContext,
+        shape: &AttentionShape,
+        cache: &KvCache,
+        q: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        n_tokens: u32,
+        p0: u32,
+    ) -> Result<Vec<Dispatch>> {
+        const K: &str = "attention";
+        let group = shape.n_heads / shape.n_kv_heads.max(1);
+        let splits = self.tuning.attention_splits.min(MAX_ATTENTION_SPLITS);
+        if self.tuning.strategy != Strategy::RowPerThread
+            || splits <= 1
+            || shape.head_dim % 4 != 0
+            || cache.offset % 4 != 0
+            || group > MAX_ATTENTION_GROUP
+            || group * shape.head_dim > MAX_ATTENTION_GROUP_DIM
+        {
+            return Ok(vec![
+                self.attention(ctx, shape, cache, q, out, n_tokens, p0)?
+            ]);
+        }
+        Self::check_attention(K, shape, cache, n_tokens, p0)?;
+        let n = n_tokens as u64 * shape.n_heads as u64 * shape.head_dim as u64;
+        need(K, "q", q, n)?;
+        need(K, "out", out, n)?;
+        let p = AttentionParams {
+            n_tokens,
+            n_heads: shape.n_heads,
+            n_kv_heads: shape.n_kv_heads,
+            head_dim: shape.head_dim,
+            p0,
+            max_positions: shape.max_positions,
+            cache_offset: cache.offset,
+            scale: 1.0 / (shape.head_dim as f32).sqrt(),
+        };
+        let records = n_tokens as u64 * shape.n_kv_heads as u64 * splits as u64 * group as u64;
+        let partials = crate::buffers::storage(
+            ctx,
+            "attention partials",
+            records * (shape.head_dim as u64 / 4 + 1) * 16,
+        );
+        let wg = self.tuning.attention_wg;
+        let variant = |combine| Variant::AttentionRpt {
+            wg,
+            head_dim: shape.head_dim,
+            group,
+            splits,
+            combine,
+        };
+        let split_groups =
+            (n_tokens as u64 * shape.n_kv_heads as u64 * splits as u64).div_ceil(wg as u64);
+        let combine_groups = (n_tokens as u64 * shape.n_heads as u64).div_ceil(wg as u64);
+        let split = self.dispatch(
+            ctx,
+            variant(false),
+            &p,
+            &[q, cache.k, cache.v, &partials],
+            self.grid(ctx, K, split_groups)?,
+        )?;
+        let combine = self.dispatch_entries(
+            ctx,
+            variant(true),
+            &p,
+            vec![
+                (1, partials.as_entire_binding()),
+                (4, out.as_entire_binding()),
+            ],
+            self.grid(ctx, K, combine_groups)?,
+        )?;
+        Ok(vec![split, combine])
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn elementwise(
         &self,
         ctx: &GpuContext,
         kernel: &'static str,
         variant: Variant,
         inputs: [&wgpu::Buffer; 2],
+        second_offset: u32,
         out: &wgpu::Buffer,
         n: u32,
     ) -> Result<Dispatch> {
         need(kernel, "first input", inputs[0], n as u64)?;
-        need(kernel, "second input", inputs[1], n as u64)?;
+        need(
+            kernel,
+            "second input",
+            inputs[1],
+            extent(second_offset, n as u64),
+        )?;
         need(kernel, "out", out, n as u64)?;
         let p = CountParams {
             n,
-            offset: 0,
+            offset: second_offset,
             pad: [0; 2],
         };
         let grid = self.grid(ctx, kernel, (n as u64).div_ceil(self.tuning.wg as u64))?;
@@ -818,8 +1198,22 @@ impl Kernels {
         out: &wgpu::Buffer,
         n: u32,
     ) -> Result<Dispatch> {
+        self.swiglu_at(ctx, gate, up, 0, out, n)
+    }
+
+    /// out = silu(gate) · up[up_offset..] over `n` elements (`gate` and `up` may be one
+    /// buffer).
+    pub fn swiglu_at(
+        &self,
+        ctx: &GpuContext,
+        gate: &wgpu::Buffer,
+        up: &wgpu::Buffer,
+        up_offset: u32,
+        out: &wgpu::Buffer,
+        n: u32,
+    ) -> Result<Dispatch> {
         let v = Variant::Swiglu { wg: self.tuning.wg };
-        self.elementwise(ctx, "swiglu", v, [gate, up], out, n)
+        self.elementwise(ctx, "swiglu", v, [gate, up], up_offset, out, n)
     }
 
     /// out = a + b over `n` elements.
@@ -832,10 +1226,10 @@ impl Kernels {
         n: u32,
     ) -> Result<Dispatch> {
         let v = Variant::Add { wg: self.tuning.wg };
-        self.elementwise(ctx, "add", v, [a, b], out, n)
+        self.elementwise(ctx, "add", v, [a, b], 0, out, n)
     }
 
-    /// out[0] = first index of the maximum of x[offset..offset+n], out[1] = its f32 bits.
+    /// `out[0]` = first index of the maximum of `x[offset..offset+n]`, `out[1]` = its f32 bits.
     pub fn argmax(
         &self,
         ctx: &GpuContext,

@@ -44,6 +44,11 @@ fn values(n: usize) -> Vec<f32> {
 fn kernel_throughput() {
     let ctx = pollster::block_on(GpuContext::new()).expect("GPU kernel benchmark needs an adapter");
     println!("adapter: {} ({:?})", ctx.info.name, ctx.info.device_type);
+    let stream = mdi_gpu::bench::stream_probe(&ctx, 10).expect("stream probe");
+    println!(
+        "stream probe: {stream:.2} GB/s; uniform binding limit {} bytes",
+        ctx.limits.max_uniform_buffer_binding_size
+    );
     println!("{:<44} {:>10} {:>12}", "kernel (shape)", "ms/call", "rate");
     let matrices = [
         ("LM head q8_0 49152x576", DType::Q8_0, 49152, 576),
@@ -56,9 +61,14 @@ fn kernel_throughput() {
         let w = GpuWeight::upload(&ctx, name, dtype, rows, cols, &raw).expect("upload");
         let x = upload(&ctx, "x", &values(cols * 64));
         let y = storage(&ctx, "y", (rows * 64 * 4) as u64);
-        for strategy in STRATEGIES {
+        let configs = [16u32, 64]
+            .map(|wg| (Strategy::RowPerThread, wg))
+            .into_iter()
+            .chain([(Strategy::RowPerWorkgroup, 64)]);
+        for (strategy, matvec_wg) in configs {
             let k = Kernels::with_tuning(Tuning {
                 strategy,
+                matvec_wg,
                 ..Tuning::CPU
             });
             let a = Product {
@@ -75,7 +85,7 @@ fn kernel_throughput() {
             let gbs = raw.len() as f64 / s / 1e9;
             println!(
                 "{:<44} {:>10.3} {:>8.2} GB/s",
-                format!("matvec {strategy:?} {name}"),
+                format!("matvec {strategy:?} wg{matvec_wg} {name}"),
                 s * 1e3,
                 gbs
             );
@@ -138,6 +148,22 @@ fn kernel_throughput() {
                 format!("attention wg={wg} T={t} at 512 (9q/3kv x 64)"),
                 s * 1e3
             );
+            for attention_splits in [8u32, 16, 32] {
+                let k = Kernels::with_tuning(Tuning {
+                    attention_wg: wg,
+                    attention_splits,
+                    ..Tuning::CPU
+                });
+                let d = k
+                    .attention_split(&ctx, &shape, &cache, &q, &out, t, p0)
+                    .expect("split attention");
+                let s = time(&ctx, &d, 5);
+                println!(
+                    "{:<44} {:>10.3}",
+                    format!("attention {attention_splits} splits wg={wg} T={t} at 512"),
+                    s * 1e3
+                );
+            }
         }
     }
 }

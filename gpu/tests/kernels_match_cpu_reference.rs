@@ -483,10 +483,13 @@ async fn attention_is_causal_gqa(ctx: &GpuContext) -> Result<()> {
     };
     let (nkv, hd, mp) = (2usize, 64usize, 40usize);
     let layer = nkv * mp * hd;
-    for wg in [1, 8, 64] {
+    for (wg, tuning) in [1, 8, 64]
+        .into_iter()
+        .flat_map(|wg| both_tunings().map(|t| (wg, t)))
+    {
         let kernels = Kernels::with_tuning(Tuning {
             attention_wg: wg,
-            ..Tuning::CPU
+            ..tuning
         });
         // Two layers in one buffer; this is layer 1. Everything starts as NaN, so reading any
         // position past a token's causal window poisons its output.

@@ -4,8 +4,11 @@
 //! Each kernel family lives in its own `.wgsl` file under `src/wgsl/`. A template holds only
 //! explicit `{{NAME}}` placeholders: `{{WG}}` (workgroup size), `{{WEIGHTS}}` (the weight-format
 //! decoder, itself one of the `weights_*.wgsl` files), `{{ACC}}` (per-invocation accumulators of
-//! attention) and `{{ROPE_HALF}}` (RoPE pair layout). Nothing else is generated, so what runs is
-//! what the files say. [`Variant::key`] names a rendered shader for pipeline caching.
+//! attention), `{{HD}}`, `{{GROUP}}` and `{{SPLITS}}` (head size, query heads per KV head and
+//! position splits of the row-per-thread attention), `{{X_DECL}}` (the x binding of matvec and
+//! matmul: storage or uniform) and `{{ROPE_HALF}}` (RoPE pair layout). Nothing else is
+//! generated, so what runs is what the files say. [`Variant::key`] names a rendered shader for
+//! pipeline caching.
 //!
 //! The kernels use no optional WGSL features (no `f16`, no subgroups): headless Chrome's
 //! SwiftShader adapter lacks `shader-f16`, and naga 30 rejects `enable subgroups;`. Weights are
@@ -44,6 +47,8 @@ pub enum Kernel {
     KvWrite,
     /// Causal grouped-query attention over a KV cache.
     Attention,
+    /// The same attention for CPU drivers: one invocation per (token, KV head), no barriers.
+    AttentionRpt,
     /// silu(gate) * up.
     Swiglu,
     /// Elementwise sum (residual add).
@@ -54,7 +59,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel family.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matvec,
@@ -62,6 +67,7 @@ impl Kernel {
         Kernel::Rope,
         Kernel::KvWrite,
         Kernel::Attention,
+        Kernel::AttentionRpt,
         Kernel::Swiglu,
         Kernel::Add,
         Kernel::Argmax,
@@ -77,6 +83,7 @@ impl Kernel {
             Kernel::Rope => include_str!("wgsl/rope.wgsl"),
             Kernel::KvWrite => include_str!("wgsl/kv_write.wgsl"),
             Kernel::Attention => include_str!("wgsl/attention.wgsl"),
+            Kernel::AttentionRpt => include_str!("wgsl/attention_rpt.wgsl"),
             Kernel::Swiglu => include_str!("wgsl/swiglu.wgsl"),
             Kernel::Add => include_str!("wgsl/add.wgsl"),
             Kernel::Argmax => include_str!("wgsl/argmax.wgsl"),
@@ -93,6 +100,7 @@ impl Kernel {
             Kernel::Rope => "rope",
             Kernel::KvWrite => "kv_write",
             Kernel::Attention => "attention",
+            Kernel::AttentionRpt => "attention_rpt",
             Kernel::Swiglu => "swiglu",
             Kernel::Add => "add",
             Kernel::Argmax => "argmax",
@@ -202,6 +210,25 @@ pub const MATMUL_TILE_ROWS: u32 = 64;
 pub const MATMUL_TILE_TOKENS: u32 = 32;
 /// Tokens per invocation of the row-per-thread matmul kernel.
 pub const MATMUL_TOKENS_PER_THREAD: u32 = 8;
+/// Rows per invocation of the row-per-thread matvec kernel (fixed in `matvec.wgsl`).
+pub const MATVEC_ROWS_PER_THREAD: u32 = 4;
+/// Rows per invocation of the row-per-thread matmul kernel.
+pub const MATMUL_ROWS_PER_THREAD: u32 = 4;
+
+/// Most query heads per KV head of the row-per-thread attention kernel (its per-invocation
+/// arrays grow with it).
+pub const MAX_ATTENTION_GROUP: u32 = 8;
+
+/// Most values of (query heads per KV head) × head_dim of the row-per-thread attention kernel:
+/// each invocation holds two arrays of that many floats, and WGSL caps an invocation's
+/// function-scope memory at 8 KiB.
+pub const MAX_ATTENTION_GROUP_DIM: u32 = 512;
+
+/// Most position splits of the row-per-thread attention kernel.
+pub const MAX_ATTENTION_SPLITS: u32 = 64;
+
+/// Largest uniform x window of matvec, in vec4s: 64 KiB, WebGPU's default uniform binding limit.
+pub const MAX_X_WINDOW: u32 = 4096;
 
 /// One compilable instance of a kernel: the family plus everything its placeholders need.
 ///
@@ -217,17 +244,23 @@ pub enum Variant {
         strategy: Strategy,
         wg: u32,
     },
+    /// `RowPerThread` computes [`MATVEC_ROWS_PER_THREAD`] rows per invocation. `x_window`: 0
+    /// binds x as a storage array; otherwise x is a uniform array of that many vec4s (at most
+    /// [`MAX_X_WINDOW`]), which CPU drivers read far faster.
     Matvec {
         weights: WeightFormat,
         strategy: Strategy,
         wg: u32,
+        x_window: u32,
     },
     /// `RowPerWorkgroup` selects the tiled kernel, whose workgroups are always 64
     /// invocations (the tile shape is written into the shader) whatever `wg` says.
+    /// `x_window` as for [`Variant::Matvec`].
     Matmul {
         weights: WeightFormat,
         strategy: Strategy,
         wg: u32,
+        x_window: u32,
     },
     Rope {
         layout: RopeLayout,
@@ -238,6 +271,17 @@ pub enum Variant {
     },
     Attention {
         wg: u32,
+    },
+    /// `head_dim` (a multiple of 4 up to [`MAX_HEAD_DIM`]) and `group` (query heads per KV
+    /// head, 1 to [`MAX_ATTENTION_GROUP`]) are compiled in. `splits` 1 is the single-pass
+    /// kernel; more splits the positions over that many invocations per (token, KV head) and
+    /// takes two passes: the split pass, then `combine`.
+    AttentionRpt {
+        wg: u32,
+        head_dim: u32,
+        group: u32,
+        splits: u32,
+        combine: bool,
     },
     Swiglu {
         wg: u32,
@@ -261,6 +305,7 @@ impl Variant {
             Variant::Rope { .. } => Kernel::Rope,
             Variant::KvWrite { .. } => Kernel::KvWrite,
             Variant::Attention { .. } => Kernel::Attention,
+            Variant::AttentionRpt { .. } => Kernel::AttentionRpt,
             Variant::Swiglu { .. } => Kernel::Swiglu,
             Variant::Add { .. } => Kernel::Add,
             Variant::Argmax { .. } => Kernel::Argmax,
@@ -281,6 +326,7 @@ impl Variant {
             | Variant::Rope { wg, .. }
             | Variant::KvWrite { wg }
             | Variant::Attention { wg }
+            | Variant::AttentionRpt { wg, .. }
             | Variant::Swiglu { wg }
             | Variant::Add { wg }
             | Variant::Argmax { wg } => wg,
@@ -293,6 +339,13 @@ impl Variant {
             Variant::RmsNorm { strategy, .. } | Variant::Matvec { strategy, .. } => {
                 strategy.entry_point()
             }
+            Variant::AttentionRpt {
+                splits, combine, ..
+            } => match (splits, combine) {
+                (1, _) => "main",
+                (_, false) => "split_pass",
+                (_, true) => "combine",
+            },
             Variant::Matmul { strategy, .. } => match strategy {
                 Strategy::RowPerThread => "row_per_thread",
                 Strategy::RowPerWorkgroup => "tiled",
@@ -301,10 +354,29 @@ impl Variant {
         }
     }
 
-    /// Whether the parameters can be rendered (`wg` a power of two in 1..=256).
+    /// Whether the parameters can be rendered (`wg` a power of two in 1..=256, uniform x
+    /// windows and attention shapes within their limits).
     pub fn is_valid(&self) -> bool {
         let wg = self.workgroup_size();
-        wg.is_power_of_two() && wg <= 256
+        let sizes_ok = match *self {
+            Variant::Matvec { x_window, .. } | Variant::Matmul { x_window, .. } => {
+                x_window <= MAX_X_WINDOW
+            }
+            Variant::AttentionRpt {
+                head_dim,
+                group,
+                splits,
+                ..
+            } => {
+                head_dim % 4 == 0
+                    && (4..=MAX_HEAD_DIM).contains(&head_dim)
+                    && (1..=MAX_ATTENTION_GROUP).contains(&group)
+                    && group * head_dim <= MAX_ATTENTION_GROUP_DIM
+                    && (1..=MAX_ATTENTION_SPLITS).contains(&splits)
+            }
+            _ => true,
+        };
+        wg.is_power_of_two() && wg <= 256 && sizes_ok
     }
 
     /// A descriptive, unique name of the rendered shader and entry point, e.g.
@@ -318,17 +390,44 @@ impl Variant {
                 weights,
                 strategy,
                 wg,
+                x_window,
             } => {
-                format!("{k}_{}_{}_wg{wg}", weights.name(), strategy.name())
+                let s = strategy.name();
+                let x = match x_window {
+                    0 => String::new(),
+                    n => format!("_xu{n}"),
+                };
+                format!("{k}_{}_{s}{x}_wg{wg}", weights.name())
             }
             Variant::Matmul {
-                weights, strategy, ..
+                weights,
+                strategy,
+                x_window,
+                ..
             } => {
                 let s = match strategy {
                     Strategy::RowPerThread => "rpt",
                     Strategy::RowPerWorkgroup => "tiled",
                 };
-                format!("{k}_{}_{s}_wg{}", weights.name(), self.workgroup_size())
+                let x = match x_window {
+                    0 => String::new(),
+                    n => format!("_xu{n}"),
+                };
+                format!("{k}_{}_{s}{x}_wg{}", weights.name(), self.workgroup_size())
+            }
+            Variant::AttentionRpt {
+                wg,
+                head_dim,
+                group,
+                splits,
+                combine,
+            } => {
+                let pass = match (splits, combine) {
+                    (1, _) => String::new(),
+                    (n, false) => format!("_split{n}"),
+                    (n, true) => format!("_combine{n}"),
+                };
+                format!("{k}_hd{head_dim}_g{group}{pass}_wg{wg}")
             }
             Variant::Rope { layout, wg } => {
                 let l = match layout {
@@ -352,15 +451,25 @@ impl Variant {
         for weights in WeightFormat::ALL {
             out.push(Variant::Embed { weights, wg: 64 });
             for strategy in [Strategy::RowPerThread, Strategy::RowPerWorkgroup] {
-                out.push(Variant::Matmul {
-                    weights,
-                    strategy,
-                    wg: 64,
-                });
+                for x_window in [0, MAX_X_WINDOW] {
+                    out.push(Variant::Matmul {
+                        weights,
+                        strategy,
+                        wg: 64,
+                        x_window,
+                    });
+                }
                 out.push(Variant::Matvec {
                     weights,
                     strategy,
                     wg: 64,
+                    x_window: 0,
+                });
+                out.push(Variant::Matvec {
+                    weights,
+                    strategy,
+                    wg: 16,
+                    x_window: 144,
                 });
             }
         }
@@ -370,6 +479,17 @@ impl Variant {
         for layout in [RopeLayout::Adjacent, RopeLayout::Half] {
             out.push(Variant::Rope { layout, wg: 64 });
         }
+        for (head_dim, group) in [(64, 3), (128, 4), (32, 1), (256, 2), (64, 8)] {
+            for (splits, combine) in [(1, false), (16, false), (16, true)] {
+                out.push(Variant::AttentionRpt {
+                    wg: 8,
+                    head_dim,
+                    group,
+                    splits,
+                    combine,
+                });
+            }
+        }
         for wg in [1, 8, 32, 64, 256] {
             out.push(Variant::Attention { wg });
             out.push(Variant::Argmax { wg });
@@ -378,13 +498,28 @@ impl Variant {
                     weights: WeightFormat::Q4_1,
                     strategy: Strategy::RowPerWorkgroup,
                     wg,
+                    x_window: 0,
                 });
             }
         }
+        out.push(Variant::Matvec {
+            weights: WeightFormat::Q8_0,
+            strategy: Strategy::RowPerThread,
+            wg: 16,
+            x_window: MAX_X_WINDOW,
+        });
         out.push(Variant::KvWrite { wg: 64 });
         out.push(Variant::Swiglu { wg: 64 });
         out.push(Variant::Add { wg: 64 });
         out
+    }
+}
+
+/// The declaration of matvec's and matmul's x: storage, or a uniform of `x_window` vec4s.
+fn x_decl(x_window: u32) -> String {
+    match x_window {
+        0 => "@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;".to_string(),
+        n => format!("@group(0) @binding(2) var<uniform> x: array<vec4<f32>, {n}>;"),
     }
 }
 
@@ -396,14 +531,34 @@ pub fn render(variant: &Variant) -> String {
     let wg = variant.workgroup_size();
     let mut subs: Vec<(&str, String)> = vec![("{{WG}}", wg.to_string())];
     match *variant {
-        Variant::Embed { weights, .. }
-        | Variant::Matvec { weights, .. }
-        | Variant::Matmul { weights, .. } => subs.push(("{{WEIGHTS}}", weights.decoder())),
+        Variant::Embed { weights, .. } => subs.push(("{{WEIGHTS}}", weights.decoder())),
+        Variant::Matmul {
+            weights, x_window, ..
+        } => {
+            subs.push(("{{WEIGHTS}}", weights.decoder()));
+            subs.push(("{{X_DECL}}", x_decl(x_window)));
+        }
+        Variant::Matvec {
+            weights, x_window, ..
+        } => {
+            subs.push(("{{WEIGHTS}}", weights.decoder()));
+            subs.push(("{{X_DECL}}", x_decl(x_window)));
+        }
         Variant::Rope { layout, .. } => {
             subs.push(("{{ROPE_HALF}}", (layout == RopeLayout::Half).to_string()))
         }
         Variant::Attention { wg } => {
             subs.push(("{{ACC}}", MAX_HEAD_DIM.div_ceil(wg.max(1)).to_string()))
+        }
+        Variant::AttentionRpt {
+            head_dim,
+            group,
+            splits,
+            ..
+        } => {
+            subs.push(("{{HD}}", head_dim.to_string()));
+            subs.push(("{{GROUP}}", group.to_string()));
+            subs.push(("{{SPLITS}}", splits.to_string()));
         }
         _ => {}
     }

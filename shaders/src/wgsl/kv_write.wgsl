@@ -9,8 +9,8 @@ struct Params {
     max_positions: u32,
     p0: u32,             // position of the first new token
     cache_offset: u32,   // first element of this layer's cache
-    src_offset: u32,     // first element of the new K and V rows
-    _pad0: u32,
+    src_offset: u32,     // first element of the new K rows
+    v_src_offset: u32,   // first element of the new V rows (K and V may share a buffer)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -36,5 +36,5 @@ fn main(
     let t = idx / (hd * params.n_kv_heads);
     let dst = params.cache_offset + (h * params.max_positions + params.p0 + t) * hd + d;
     k_cache[dst] = k_new[params.src_offset + idx];
-    v_cache[dst] = v_new[params.src_offset + idx];
+    v_cache[dst] = v_new[params.v_src_offset + idx];
 }

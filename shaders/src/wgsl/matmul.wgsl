@@ -5,8 +5,9 @@
 //   tiled:          (real GPUs) a workgroup of 64 invocations computes a tile of 64 rows x 32
 //                   tokens, 8 rows x 4 tokens per invocation; per step of 32 columns it decodes
 //                   the weight tile ONCE into workgroup memory and serves all 32 tokens;
-//   row_per_thread: (CPU drivers, where barriers are slow) one invocation per (row, group of
-//                   TPT tokens), no workgroup memory: each decoded unit serves TPT tokens.
+//   row_per_thread: (CPU drivers, where barriers are slow) one invocation per (MR rows, TPT
+//                   tokens), no workgroup memory: each decoded unit serves TPT tokens and
+//                   each slice of X serves MR rows. Grid: (rows / (WG * MR), tokens / TPT).
 // W is one row-range part in the format spliced in below (the WEIGHTS placeholder); y_offset and y_stride place
 // the part's rows in the full output (T, y_stride).
 
@@ -19,11 +20,24 @@ struct Params {
     y_stride: u32,    // elements between tokens in Y
     n_tokens: u32,    // T
     accumulate: u32,  // 1: add to Y (fused residual), 0: overwrite Y
+    // Rows from split_row on go to Y[split_offset + t * split_stride + r - split_row] instead,
+    // and from split2_row on likewise from split2_offset (matrices stacked in one weight,
+    // written to their own regions by one dispatch).
+    split_row: u32,
+    split_offset: u32,
+    split2_row: u32,
+    split2_offset: u32,
+    split_stride: u32,
+    split2_stride: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;        // (rows, cols) packed
-@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;        // (T, cols)
+// (T, cols) from x_offset: a storage array, or on CPU drivers a uniform window of it (see
+// matvec.wgsl; the executor binds a window of tokens per dispatch).
+{{X_DECL}}
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;        // (T, y_stride)
 
 {{WEIGHTS}}
@@ -32,7 +46,13 @@ const WG: u32 = {{WG}}u;  // row_per_thread only; the tiled entry point is fixed
 const TPT: u32 = 8u;      // tokens per invocation in row_per_thread
 
 fn store(r: u32, t: u32, v: f32) {
-    let o = params.y_offset + t * params.y_stride + r;
+    var o = params.y_offset + t * params.y_stride + r;
+    if r >= params.split_row {
+        o = params.split_offset + t * params.split_stride + r - params.split_row;
+    }
+    if r >= params.split2_row {
+        o = params.split2_offset + t * params.split2_stride + r - params.split2_row;
+    }
     if params.accumulate != 0u {
         y[o] = y[o] + v;
     } else {
@@ -40,38 +60,103 @@ fn store(r: u32, t: u32, v: f32) {
     }
 }
 
-@compute @workgroup_size(WG)
-fn row_per_thread(
-    @builtin(global_invocation_id) gid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
-    let idx = gid.x + gid.y * nwg.x * WG;
-    let groups = (params.n_tokens + TPT - 1u) / TPT;
-    if idx >= params.rows * groups {
+const MR: u32 = 4u;       // rows per invocation in row_per_thread
+
+fn x_unit(xt: u32) -> array<vec4<f32>, UNIT_V4> {
+    var xv: array<vec4<f32>, UNIT_V4>;
+    for (var k = 0u; k < UNIT_V4; k++) {
+        xv[k] = x[xt + k];
+    }
+    return xv;
+}
+
+// One token against the decoded unit of MR = 4 rows.
+fn token4(
+    w0: array<vec4<f32>, UNIT_V4>,
+    w1: array<vec4<f32>, UNIT_V4>,
+    w2: array<vec4<f32>, UNIT_V4>,
+    w3: array<vec4<f32>, UNIT_V4>,
+    xt: u32,
+) -> vec4<f32> {
+    let xv = x_unit(xt);
+    return vec4<f32>(unit_dot(w0, xv), unit_dot(w1, xv), unit_dot(w2, xv), unit_dot(w3, xv));
+}
+
+fn store4(r0: u32, t: u32, a: vec4<f32>) {
+    if t >= params.n_tokens {
         return;
     }
-    // Neighbouring invocations take neighbouring rows of the same tokens, so x reads coincide.
-    let r = idx % params.rows;
-    let t0 = (idx / params.rows) * TPT;
+    for (var i = 0u; i < MR; i++) {
+        if r0 + i < params.rows {
+            store(r0 + i, t, a[i]);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn row_per_thread(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    // MR rows per invocation, rows across workgroups in x, groups of TPT tokens in y: the
+    // tokens (and so every index into x) are the same across a workgroup. Each decoded unit
+    // serves TPT tokens and each loaded slice of x serves MR rows; on CPU drivers, where every
+    // load is a gather, both matter. Written out by hand (no arrays indexed by loop counters),
+    // so the accumulators stay in registers.
+    let r0 = (wid.x * WG + lid) * MR;
+    let t0 = wid.y * TPT;
+    if r0 >= params.rows || t0 >= params.n_tokens {
+        return;
+    }
     let units = params.cols / UNIT;
     let cols4 = params.cols / 4u;
     let xb = params.x_offset / 4u;
-    var acc: array<vec4<f32>, TPT>;
+    // Rows and tokens past the last one recompute it (in bounds) and are dropped when storing.
+    let lr = params.rows - 1u;
+    let lt = params.n_tokens - 1u;
+    let ra = r0 * units;
+    let rb = min(r0 + 1u, lr) * units;
+    let rc = min(r0 + 2u, lr) * units;
+    let rd = min(r0 + 3u, lr) * units;
+    let o0 = xb + t0 * cols4;
+    let o1 = xb + min(t0 + 1u, lt) * cols4;
+    let o2 = xb + min(t0 + 2u, lt) * cols4;
+    let o3 = xb + min(t0 + 3u, lt) * cols4;
+    let o4 = xb + min(t0 + 4u, lt) * cols4;
+    let o5 = xb + min(t0 + 5u, lt) * cols4;
+    let o6 = xb + min(t0 + 6u, lt) * cols4;
+    let o7 = xb + min(t0 + 7u, lt) * cols4;
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    var a4 = vec4<f32>(0.0);
+    var a5 = vec4<f32>(0.0);
+    var a6 = vec4<f32>(0.0);
+    var a7 = vec4<f32>(0.0);
     for (var u = 0u; u < units; u++) {
-        var wv = w_decode(r * units + u, params.q_offset);
-        for (var j = 0u; j < TPT; j++) {
-            // Past the last token, recompute the last one (in bounds) and drop it below.
-            let xt = xb + min(t0 + j, params.n_tokens - 1u) * cols4 + u * UNIT_V4;
-            for (var k = 0u; k < UNIT_V4; k++) {
-                acc[j] = fma(wv[k], x[xt + k], acc[j]);
-            }
-        }
+        let w0 = w_decode(ra + u, params.q_offset);
+        let w1 = w_decode(rb + u, params.q_offset);
+        let w2 = w_decode(rc + u, params.q_offset);
+        let w3 = w_decode(rd + u, params.q_offset);
+        let c = u * UNIT_V4;
+        a0 += token4(w0, w1, w2, w3, o0 + c);
+        a1 += token4(w0, w1, w2, w3, o1 + c);
+        a2 += token4(w0, w1, w2, w3, o2 + c);
+        a3 += token4(w0, w1, w2, w3, o3 + c);
+        a4 += token4(w0, w1, w2, w3, o4 + c);
+        a5 += token4(w0, w1, w2, w3, o5 + c);
+        a6 += token4(w0, w1, w2, w3, o6 + c);
+        a7 += token4(w0, w1, w2, w3, o7 + c);
     }
-    for (var j = 0u; j < TPT; j++) {
-        if t0 + j < params.n_tokens {
-            store(r, t0 + j, acc[j].x + acc[j].y + acc[j].z + acc[j].w);
-        }
-    }
+    store4(r0, t0, a0);
+    store4(r0, t0 + 1u, a1);
+    store4(r0, t0 + 2u, a2);
+    store4(r0, t0 + 3u, a3);
+    store4(r0, t0 + 4u, a4);
+    store4(r0, t0 + 5u, a5);
+    store4(r0, t0 + 6u, a6);
+    store4(r0, t0 + 7u, a7);
 }
 
 const TR: u32 = 64u;  // rows per tile

@@ -1,8 +1,9 @@
-// SwiGLU gate of the feed-forward block: out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + e^-g).
+// SwiGLU gate of the feed-forward block: out[i] = silu(gate[i]) * up[up_offset + i],
+// silu(g) = g / (1 + e^-g).
 
 struct Params {
     n: u32,
-    _pad0: u32,
+    up_offset: u32,  // element of `up` that pairs with gate[0] (gate and up may share a buffer)
     _pad1: u32,
     _pad2: u32,
 }
@@ -24,5 +25,5 @@ fn main(
         return;
     }
     let g = gate[i];
-    out[i] = g / (1.0 + exp(-g)) * up[i];
+    out[i] = g / (1.0 + exp(-g)) * up[params.up_offset + i];
 }
