@@ -64,7 +64,12 @@ fn main(
     }
     for (var j = 0u; j < n_pos; j++) {
         let kb = cb + j * HD4;
+        // Zeroed explicitly: on SwiftShader (Chrome without a GPU) relying on the implicit
+        // zero-initialisation of this loop-local array gave wrong sums.
         var s: array<f32, GROUP>;
+        for (var g = 0u; g < GROUP; g++) {
+            s[g] = 0.0;
+        }
         for (var i = 0u; i < HD4; i++) {
             let kv = k_cache[kb + i];
             for (var g = 0u; g < GROUP; g++) {
