@@ -53,11 +53,17 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The default model's path, downloading it first if it is not cached.
 pub fn ensure_default_model() -> Result<PathBuf> {
+    // Threads of one process (parallel tests) fetch one at a time; the later ones then find
+    // the file. Separate processes each fetch into their own folder and rename atomically.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let path = default_model_path();
     if path.is_file() {
         return Ok(path);
     }
-    fetch_default_model(&path)?;
+    let _guard = FETCH.lock().unwrap_or_else(|p| p.into_inner());
+    if !path.is_file() {
+        fetch_default_model(&path)?;
+    }
     Ok(path)
 }
 
