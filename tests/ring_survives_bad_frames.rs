@@ -3,11 +3,10 @@
 //! the context ends with an error while the others finish; a KV memory cap makes new sequences
 //! wait instead of running out.
 
-use mdi_core::node::{Node, NodeConfig};
 use mdi_core::starter::{Finish, SeqRequest};
 use mdi_core::wire::{self, WireDtype};
 use mdi_core::SamplingParams;
-use mdi_tests::rings::build_ring;
+use mdi_tests::rings::{build_ring, build_ring_with_kv_cap};
 use mdi_tests::tiny::{Shape, TinyModel};
 
 fn reqs() -> Vec<SeqRequest> {
@@ -134,37 +133,17 @@ fn a_kv_cap_applies_backpressure_instead_of_running_out() {
     );
     let config = tiny.config();
     let store = tiny.safetensors_store();
-    let expected = build_ring(&store, &config, 2, 5, WireDtype::F32, 4096).run(reqs());
-
-    let mut ring = build_ring(&store, &config, 2, 5, WireDtype::F32, 4096);
+    let mut expected_ring = build_ring(&store, &config, 2, 5, WireDtype::F32, 4096);
+    let expected = expected_ring.run(reqs());
     // Room for two of the longest sequences on the secondary node.
     let longest = reqs()
         .iter()
         .map(|r| r.prompt_tokens.len() + r.max_tokens)
         .max()
         .unwrap();
-    let per_seq = mdi_core::StageEngine::cache_bytes(ring.nodes[0].engine(), longest);
+    let per_seq = mdi_core::StageEngine::cache_bytes(expected_ring.nodes[0].engine(), longest);
     let cap = 2 * per_seq;
-    ring.nodes.clear();
-    let spec = mdi_core::StageSpec {
-        layers: 2..4,
-        embed: false,
-        head: false,
-    };
-    let weights = mdi_core::StageWeights::load(&store, &config, &spec).unwrap();
-    ring.nodes.push(Node::new(
-        NodeConfig {
-            index: 1,
-            is_last: true,
-            hidden: config.hidden,
-            wire: WireDtype::F32,
-            max_message: 4096,
-            default_positions: config.context,
-            max_tokens: config.context,
-            kv_cap_bytes: cap,
-        },
-        mdi_core::Oracle::new(config.clone(), weights).unwrap(),
-    ));
+    let mut ring = build_ring_with_kv_cap(&store, &config, 2, 5, WireDtype::F32, 4096, cap);
     let out = ring.run(reqs());
     assert_eq!(out, expected);
     let (now, peak) = ring.nodes[0].kv_bytes();

@@ -937,6 +937,43 @@ impl Kernels {
         self.dispatch(ctx, variant, &p, &[positions, &table.buffer, x], grid)
     }
 
+    /// Whether the barrier-free attention (one invocation per token and KV head) serves this
+    /// shape under the current tuning; otherwise the workgroup kernel does.
+    fn barrier_free_attention(&self, shape: &AttentionShape, cache: &KvCache) -> bool {
+        let group = shape.n_heads / shape.n_kv_heads.max(1);
+        self.tuning.strategy == Strategy::RowPerThread
+            && shape.head_dim % 4 == 0
+            && cache.offset % 4 == 0
+            && group <= MAX_ATTENTION_GROUP
+            && group * shape.head_dim <= MAX_ATTENTION_GROUP_DIM
+    }
+
+    /// Checks an attention call's shapes and buffers and builds its parameters.
+    fn attention_params(
+        shape: &AttentionShape,
+        cache: &KvCache,
+        q: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        n_tokens: u32,
+        p0: u32,
+    ) -> Result<AttentionParams> {
+        const K: &str = "attention";
+        Self::check_attention(K, shape, cache, n_tokens, p0)?;
+        let n = n_tokens as u64 * shape.n_heads as u64 * shape.head_dim as u64;
+        need(K, "q", q, n)?;
+        need(K, "out", out, n)?;
+        Ok(AttentionParams {
+            n_tokens,
+            n_heads: shape.n_heads,
+            n_kv_heads: shape.n_kv_heads,
+            head_dim: shape.head_dim,
+            p0,
+            max_positions: shape.max_positions,
+            cache_offset: cache.offset,
+            scale: 1.0 / (shape.head_dim as f32).sqrt(),
+        })
+    }
+
     fn check_attention(
         kernel: &'static str,
         s: &AttentionShape,
@@ -1038,27 +1075,9 @@ impl Kernels {
         p0: u32,
     ) -> Result<Dispatch> {
         const K: &str = "attention";
-        Self::check_attention(K, shape, cache, n_tokens, p0)?;
-        let n = n_tokens as u64 * shape.n_heads as u64 * shape.head_dim as u64;
-        need(K, "q", q, n)?;
-        need(K, "out", out, n)?;
-        let p = AttentionParams {
-            n_tokens,
-            n_heads: shape.n_heads,
-            n_kv_heads: shape.n_kv_heads,
-            head_dim: shape.head_dim,
-            p0,
-            max_positions: shape.max_positions,
-            cache_offset: cache.offset,
-            scale: 1.0 / (shape.head_dim as f32).sqrt(),
-        };
+        let p = Self::attention_params(shape, cache, q, out, n_tokens, p0)?;
         let group = shape.n_heads / shape.n_kv_heads;
-        let (variant, groups) = if self.tuning.strategy == Strategy::RowPerThread
-            && shape.head_dim % 4 == 0
-            && cache.offset % 4 == 0
-            && group <= MAX_ATTENTION_GROUP
-            && group * shape.head_dim <= MAX_ATTENTION_GROUP_DIM
-        {
+        let (variant, groups) = if self.barrier_free_attention(shape, cache) {
             // Barrier-free: one invocation per (token, KV head).
             let wg = self.tuning.attention_wg;
             let v = Variant::AttentionRpt {
@@ -1099,31 +1118,12 @@ impl Kernels {
         const K: &str = "attention";
         let group = shape.n_heads / shape.n_kv_heads.max(1);
         let splits = self.tuning.attention_splits.min(MAX_ATTENTION_SPLITS);
-        if self.tuning.strategy != Strategy::RowPerThread
-            || splits <= 1
-            || shape.head_dim % 4 != 0
-            || cache.offset % 4 != 0
-            || group > MAX_ATTENTION_GROUP
-            || group * shape.head_dim > MAX_ATTENTION_GROUP_DIM
-        {
+        if splits <= 1 || !self.barrier_free_attention(shape, cache) {
             return Ok(vec![
                 self.attention(ctx, shape, cache, q, out, n_tokens, p0)?
             ]);
         }
-        Self::check_attention(K, shape, cache, n_tokens, p0)?;
-        let n = n_tokens as u64 * shape.n_heads as u64 * shape.head_dim as u64;
-        need(K, "q", q, n)?;
-        need(K, "out", out, n)?;
-        let p = AttentionParams {
-            n_tokens,
-            n_heads: shape.n_heads,
-            n_kv_heads: shape.n_kv_heads,
-            head_dim: shape.head_dim,
-            p0,
-            max_positions: shape.max_positions,
-            cache_offset: cache.offset,
-            scale: 1.0 / (shape.head_dim as f32).sqrt(),
-        };
+        let p = Self::attention_params(shape, cache, q, out, n_tokens, p0)?;
         let records = n_tokens as u64 * shape.n_kv_heads as u64 * splits as u64 * group as u64;
         let partials = crate::buffers::storage(
             ctx,

@@ -26,6 +26,19 @@ pub fn build_ring(
     wire: WireDtype,
     max_message: usize,
 ) -> LocalRing<Oracle> {
+    build_ring_with_kv_cap(store, config, n, in_flight, wire, max_message, usize::MAX)
+}
+
+/// [`build_ring`] with a cap on each secondary node's KV memory.
+pub fn build_ring_with_kv_cap(
+    store: &dyn TensorStore,
+    config: &Config,
+    n: usize,
+    in_flight: usize,
+    wire: WireDtype,
+    max_message: usize,
+    kv_cap_bytes: usize,
+) -> LocalRing<Oracle> {
     let specs = stage_specs(&even_ranges(config.n_layers, n));
     let starter = Starter::new(
         StarterConfig {
@@ -51,7 +64,7 @@ pub fn build_ring(
                     max_message,
                     default_positions: config.context,
                     max_tokens: config.context,
-                    kv_cap_bytes: usize::MAX,
+                    kv_cap_bytes,
                 },
                 oracle(store, config, spec),
             )
