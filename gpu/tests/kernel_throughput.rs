@@ -45,8 +45,11 @@ fn kernel_throughput() {
     let ctx = pollster::block_on(GpuContext::new()).expect("GPU kernel benchmark needs an adapter");
     println!("adapter: {} ({:?})", ctx.info.name, ctx.info.device_type);
     let stream = mdi_gpu::bench::stream_probe(&ctx, 10).expect("stream probe");
+    let launch = mdi_gpu::bench::launch_probe(&ctx, 10).expect("launch probe");
     println!(
-        "stream probe: {stream:.2} GB/s; uniform binding limit {} bytes",
+        "stream probe: {stream:.2} GB/s; launch probe: {:.1} µs per dispatch; uniform binding \
+         limit {} bytes",
+        launch * 1e6,
         ctx.limits.max_uniform_buffer_binding_size
     );
     println!("{:<44} {:>10} {:>12}", "kernel (shape)", "ms/call", "rate");
