@@ -7,7 +7,7 @@
 use mdi_core::starter::{Finish, SeqRequest};
 use mdi_core::wire::WireDtype;
 use mdi_core::SamplingParams;
-use mdi_tests::rings::{build_ring, single_node};
+use mdi_tests::rings::{build_ring, chat_requests, single_node, single_node_all};
 use mdi_tests::tiny::{Shape, TinyModel};
 
 fn requests(vocab: u32, eos_from: &[u32]) -> Vec<SeqRequest> {
@@ -78,33 +78,20 @@ fn random_model_rings_match_single_node_for_every_n_and_s() {
 fn default_model_ring_matches_single_node_with_f16_activations() -> anyhow::Result<()> {
     let model = mdi_tests::default_model()?;
     let golden = mdi_tests::golden_chat()?;
-    let tok = &model.tokenizer;
     let mut reqs = vec![SeqRequest {
         prompt_tokens: golden.prompt_tokens.clone(),
         max_tokens: 12,
         params: SamplingParams::default(),
         eos_ids: model.config.eos_ids.clone(),
     }];
-    for (i, q) in [
+    let questions = [
         "Name three colours.",
         "What is 12 times 12?",
         "Say hello in French.",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        reqs.push(SeqRequest {
-            prompt_tokens: tok.encode(&tok.chat_prompt(q)?, false)?,
-            max_tokens: 4 + 3 * i,
-            params: SamplingParams::default(),
-            eos_ids: model.config.eos_ids.clone(),
-        });
-    }
+    ];
+    reqs.extend(chat_requests(model, &questions, |i| 4 + 3 * i)?);
     let store = model.store.as_ref();
-    let expected: Vec<Vec<u32>> = reqs
-        .iter()
-        .map(|r| single_node(store, &model.config, r))
-        .collect();
+    let expected = single_node_all(store, &model.config, &reqs);
     assert_eq!(expected[0], golden.greedy_tokens);
     for (n, s) in [(2, 2), (3, 6), (4, 1)] {
         let mut ring = build_ring(store, &model.config, n, s, WireDtype::F16, 16 * 1024);

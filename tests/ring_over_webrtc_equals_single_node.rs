@@ -4,35 +4,22 @@
 //! sequences in flight, on the default model; the summary reports each node's share.
 
 use mdi::ring::{run_ring, RingOptions, TransportKind};
-use mdi_core::starter::{Finish, SeqRequest};
+use mdi_core::starter::Finish;
 use mdi_core::wire::WireDtype;
-use mdi_core::SamplingParams;
-use mdi_tests::rings::single_node;
+use mdi_tests::rings::{chat_requests, single_node_all};
 
 #[test]
 fn webrtc_rings_match_single_node_on_the_default_model() -> anyhow::Result<()> {
     let model = mdi_tests::default_model()?;
-    let tok = &model.tokenizer;
     let questions = [
         "What is the capital of France?",
         "Name three colours.",
         "What is 7 times 8?",
         "Say hello in German.",
     ];
-    let mut reqs = Vec::new();
-    for (i, q) in questions.iter().enumerate() {
-        reqs.push(SeqRequest {
-            prompt_tokens: tok.encode(&tok.chat_prompt(q)?, false)?,
-            max_tokens: 3 + 2 * i,
-            params: SamplingParams::default(),
-            eos_ids: model.config.eos_ids.clone(),
-        });
-    }
+    let reqs = chat_requests(model, &questions, |i| 3 + 2 * i)?;
     let store = model.store.as_ref();
-    let expected: Vec<Vec<u32>> = reqs
-        .iter()
-        .map(|r| single_node(store, &model.config, r))
-        .collect();
+    let expected = single_node_all(store, &model.config, &reqs);
     let total_weights: u64 = std::fs::metadata(&model.path)?.len();
     for n in 1..=4 {
         for s in [1, n, 2 * n] {

@@ -190,6 +190,15 @@ fn time_dispatches_gpu(
     Ok(Some(ns * 1e-9 / reps as f64))
 }
 
+/// Seconds per repetition of `dispatches` in one pass: from GPU timestamps where the device
+/// has them (second value `true`), else from the wall clock of the replays.
+fn time_best(ctx: &GpuContext, dispatches: &[&Dispatch], reps: usize) -> Result<(f64, bool)> {
+    Ok(match time_dispatches_gpu(ctx, dispatches, reps)? {
+        Some(s) => (s, true),
+        None => (time_dispatches(ctx, dispatches, reps)?, false),
+    })
+}
+
 /// Builds a probe pipeline and its bind group over `buffers` (binding 0 is the uniform).
 fn probe(
     ctx: &GpuContext,
@@ -298,11 +307,7 @@ pub fn launch_probe(ctx: &GpuContext, reps: usize) -> Result<f64> {
         &[&dst],
         1,
     )?;
-    let run = vec![&d; RUN];
-    let s = match time_dispatches_gpu(ctx, &run, reps)? {
-        Some(s) => s,
-        None => time_dispatches(ctx, &run, reps)?,
-    };
+    let (s, _) = time_best(ctx, &vec![&d; RUN], reps)?;
     Ok(s / RUN as f64)
 }
 
@@ -385,13 +390,8 @@ pub fn run(
     let mut kernels = Vec::new();
     let mut timestamps = true;
     for (role, (ds, bytes, flops)) in &groups {
-        let s = match time_dispatches_gpu(&ctx, ds, opts.kernel_reps)? {
-            Some(s) => s,
-            None => {
-                timestamps = false;
-                time_dispatches(&ctx, ds, opts.kernel_reps)?
-            }
-        };
+        let (s, stamped) = time_best(&ctx, ds, opts.kernel_reps)?;
+        timestamps &= stamped;
         kernels.push(KernelRow {
             role: role.name(),
             dispatches: ds.len(),

@@ -7,7 +7,7 @@ use mdi_core::ring::{even_ranges, stage_specs, LocalRing};
 use mdi_core::starter::{SeqRequest, Starter, StarterConfig};
 use mdi_core::weights::TensorStore;
 use mdi_core::wire::WireDtype;
-use mdi_core::{Config, Oracle, StageSpec, StageWeights};
+use mdi_core::{Config, Oracle, SamplingParams, StageSpec, StageWeights};
 
 pub fn oracle(store: &dyn TensorStore, config: &Config, spec: &StageSpec) -> Oracle {
     Oracle::new(
@@ -83,4 +83,35 @@ pub fn single_node(store: &dyn TensorStore, config: &Config, req: &SeqRequest) -
         context: config.context,
     };
     generate(&mut engine, &r, |_| Ok(())).unwrap().tokens
+}
+
+/// Greedy chat requests for the default model: question `i` wrapped in the chat template,
+/// with a budget of `max_tokens(i)`.
+pub fn chat_requests(
+    model: &mdi::Model,
+    questions: &[&str],
+    max_tokens: impl Fn(usize) -> usize,
+) -> anyhow::Result<Vec<SeqRequest>> {
+    let tok = &model.tokenizer;
+    questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            Ok(SeqRequest {
+                prompt_tokens: tok.encode(&tok.chat_prompt(q)?, false)?,
+                max_tokens: max_tokens(i),
+                params: SamplingParams::default(),
+                eos_ids: model.config.eos_ids.clone(),
+            })
+        })
+        .collect()
+}
+
+/// [`single_node`] for each request: the tokens a ring must reproduce.
+pub fn single_node_all(
+    store: &dyn TensorStore,
+    config: &Config,
+    reqs: &[SeqRequest],
+) -> Vec<Vec<u32>> {
+    reqs.iter().map(|r| single_node(store, config, r)).collect()
 }
