@@ -67,9 +67,11 @@ fn plans_are_contiguous_within_budget_and_optimal() {
         let n = 1 + (rng.next_u64() % layers.min(4) as u64) as usize;
         let cost = random_cost(&mut rng, layers);
         let nodes: Vec<NodeProfile> = (0..n)
-            .map(|_| NodeProfile {
-                memory_budget: 500 + rng.next_u64() % 4000,
-                speed: 0.5 + (rng.next_u64() % 4) as f64,
+            .map(|_| {
+                NodeProfile::new(
+                    500 + rng.next_u64() % 4000,
+                    0.5 + (rng.next_u64() % 4) as f64,
+                )
             })
             .collect();
         let kv_tokens = rng.next_u64() % 50;
@@ -118,24 +120,15 @@ fn faster_nodes_get_more_layers_and_errors_are_clear() {
         starter_weight_bytes: 0,
         starter_work: 0.0,
     };
-    let fast = NodeProfile {
-        memory_budget: 1000,
-        speed: 3.0,
-    };
-    let slow = NodeProfile {
-        memory_budget: 1000,
-        speed: 1.0,
-    };
+    let fast = NodeProfile::new(1000, 3.0);
+    let slow = NodeProfile::new(1000, 1.0);
     let p = plan(&cost, &[slow, fast], 0).unwrap();
     assert_eq!(p.nodes[0].layers, 0..3);
     assert_eq!(p.nodes[1].layers, 3..12);
 
     let e = plan(&cost, &[slow; 13], 0).unwrap_err().to_string();
     assert!(e.contains("13 nodes") && e.contains("12 layers"), "{e}");
-    let tiny = NodeProfile {
-        memory_budget: 50,
-        speed: 1.0,
-    };
+    let tiny = NodeProfile::new(50, 1.0);
     let e = plan(&cost, &[tiny, tiny], 0).unwrap_err().to_string();
     assert!(e.contains("does not fit"), "{e}");
 }
@@ -149,10 +142,7 @@ fn default_model_costs_come_from_its_tensors() -> anyhow::Result<()> {
     let file_len = std::fs::metadata(&model.path)?.len();
     assert!(cost.total_weight_bytes() <= file_len);
     assert!(cost.total_weight_bytes() > file_len * 97 / 100);
-    let node = NodeProfile {
-        memory_budget: 1 << 30,
-        speed: 1.0,
-    };
+    let node = NodeProfile::new(1 << 30, 1.0);
     let p = plan(&cost, &[node; 3], 2 * 8192)?;
     let per_node_cap = cost.total_weight_bytes() / 3 + cost.total_weight_bytes() / 20;
     for a in &p.nodes[1..] {

@@ -42,7 +42,7 @@ fn webrtc_rings_match_single_node_on_the_default_model() -> anyhow::Result<()> {
             let held: u64 = run.per_node.iter().map(|p| p.weight_bytes).sum();
             assert!(held <= total_weights, "no layer is loaded twice");
             if n > 1 {
-                assert!(!run.hop_latency_ms.is_empty(), "decode hops were timed");
+                assert!(!run.hop_rtt_ms.is_empty(), "hops were timed");
                 assert_eq!(run.decode_hop_bytes, Some(576 * 2 + 32));
             }
         }

@@ -1,10 +1,13 @@
-//! The single-node generation loop: prefill the prompt in one call, then decode token by token
-//! until EOS or the token budget, handing each token to the caller as it is chosen.
+//! Single-node generation: the starter's one-node mode on a blocking engine, so `mdi generate`
+//! runs the very loop of prefill, sampling and stopping that a ring's starter runs. Tokens
+//! reach the caller as they are chosen.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use mdi_core::{Sampler, SamplingParams, StageEngine, StageInput, StageOutput, Want};
+use mdi_core::starter::{Event, Finish, SeqRequest, Starter, StarterConfig};
+use mdi_core::wire::WireDtype;
+use mdi_core::{SamplingParams, StageEngine};
 
 /// One generation request.
 #[derive(Debug, Clone)]
@@ -22,7 +25,9 @@ pub struct Request {
 pub struct Generation {
     /// Generated ids, EOS included when it was produced.
     pub tokens: Vec<u32>,
+    /// Until the first token: the prompt's prefill.
     pub prefill: Duration,
+    /// From the first token to the last.
     pub decode: Duration,
     /// Stopped because the context was full rather than on EOS or the token budget.
     pub hit_context: bool,
@@ -41,70 +46,64 @@ impl Generation {
 }
 
 /// Run `req` on `engine` (a whole-model stage), calling `on_token` for each new token.
-pub fn generate<E: StageEngine>(
+pub fn generate<E: StageEngine + ?Sized>(
     engine: &mut E,
     req: &Request,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generation> {
-    let n_prompt = req.prompt_tokens.len();
-    if n_prompt == 0 {
-        bail!("the prompt is empty");
-    }
-    if n_prompt >= req.context {
-        bail!(
-            "the prompt has {n_prompt} tokens but the model's context holds {} positions \
-             (including at least one generated token); shorten the prompt",
-            req.context
-        );
-    }
-    if req.max_tokens == 0 {
-        return Ok(Generation {
-            tokens: Vec::new(),
-            prefill: Duration::ZERO,
-            decode: Duration::ZERO,
-            hit_context: false,
-        });
-    }
-    // The last generated token is never fed back, so it needs no cache position.
-    let positions = (n_prompt + req.max_tokens - 1).min(req.context);
-    let mut cache = engine.new_cache(positions)?;
-    let mut sampler = Sampler::new(req.params);
-    let mode = if req.params.is_greedy() {
-        Want::Argmax
-    } else {
-        Want::Logits
-    };
-    let mut pick = |out: StageOutput| -> Result<u32> {
-        match out {
-            StageOutput::Token(t) => Ok(t),
-            StageOutput::Logits(l) => Ok(sampler.sample(&l)),
-            StageOutput::Hidden(_) => bail!("the engine does not run the head"),
+    let mut starter = Starter::new(StarterConfig {
+        n_nodes: 1,
+        hidden: 0,
+        wire: WireDtype::F32,
+        max_message: usize::MAX,
+        context: req.context,
+        in_flight: 1,
+        kv_bytes_per_position: engine.cache_bytes(1),
+        kv_cap_bytes: usize::MAX,
+    });
+    starter.submit(
+        0,
+        SeqRequest {
+            prompt_tokens: req.prompt_tokens.clone(),
+            max_tokens: req.max_tokens,
+            params: req.params,
+            eos_ids: req.eos_ids.clone(),
+        },
+    );
+    let start = Instant::now();
+    let mut first: Option<Instant> = None;
+    let mut tokens = Vec::new();
+    let mut finish = None;
+    let mut events = Vec::new();
+    starter.pump(&mut events);
+    loop {
+        for e in events.drain(..) {
+            match e {
+                Event::Token { token, .. } => {
+                    first.get_or_insert_with(Instant::now);
+                    tokens.push(token);
+                    on_token(token)?;
+                }
+                Event::Done { finish: f, .. } => finish = Some(f),
+                Event::NodeError { message, .. } => bail!("{message}"),
+            }
         }
-    };
-
-    let start = Instant::now();
-    let out = engine.forward(&mut cache, StageInput::Tokens(&req.prompt_tokens), mode)?;
-    let mut token = pick(out)?;
-    let prefill = start.elapsed();
-
-    let start = Instant::now();
-    let mut tokens = vec![token];
-    on_token(token)?;
-    let mut hit_context = false;
-    while tokens.len() < req.max_tokens && !req.eos_ids.contains(&token) {
-        if n_prompt + tokens.len() > positions {
-            hit_context = true;
+        let Some(job) = starter.next_job() else {
             break;
-        }
-        let out = engine.forward(&mut cache, StageInput::Tokens(&[token]), mode)?;
-        token = pick(out)?;
-        tokens.push(token);
-        on_token(token)?;
+        };
+        let done = job.run(engine);
+        starter.complete(done, &mut events);
     }
-    Ok(Generation {
-        tokens,
-        prefill,
-        decode: start.elapsed(),
-        hit_context,
-    })
+    let end = Instant::now();
+    let first = first.unwrap_or(end);
+    match finish {
+        Some(Finish::Error(e)) => bail!("{e}"),
+        None => bail!("generation stopped without finishing"),
+        Some(f) => Ok(Generation {
+            tokens,
+            prefill: first - start,
+            decode: end - first,
+            hit_context: f == Finish::Context,
+        }),
+    }
 }

@@ -351,9 +351,7 @@ fn run_ring(args: &GenerateArgs, model: &mdi::Model) -> Result<()> {
     };
     let run = match gpu_context(args.backend)? {
         // Every node gets its own engine; on one machine they share the device.
-        Some(ctx) => mdi::ring::run_ring_with(model, seqs, &opts, |config, weights| {
-            Ok(GpuEngine::new(ctx.clone(), config.clone(), weights, 128)?)
-        })?,
+        Some(ctx) => mdi::ring::run_ring_gpu(model, seqs, &opts, ctx)?,
         None => mdi::ring::run_ring(model, seqs, &opts)?,
     };
     let tok = &model.tokenizer;
@@ -380,7 +378,7 @@ fn run_ring(args: &GenerateArgs, model: &mdi::Model) -> Result<()> {
             "nodes": args.nodes,
             "tok_s": run.tok_s(),
             "per_node": run.per_node,
-            "hop_latency_ms_p50": run.hop_latency_p50(),
+            "hop_rtt_ms_p50": run.hop_rtt_p50(),
         }});
         writeln!(stdout, "{summary}")?;
     } else {

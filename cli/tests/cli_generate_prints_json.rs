@@ -228,7 +228,7 @@ fn ring_prints_one_line_per_sequence_then_a_summary() {
     assert!(per_node
         .iter()
         .all(|p| p["kv_bytes_peak"].as_u64().unwrap() > 0));
-    assert!(summary["hop_latency_ms_p50"].as_f64().unwrap() > 0.0);
+    assert!(summary["hop_rtt_ms_p50"].as_f64().unwrap() > 0.0);
 
     // A malformed line is named.
     std::fs::write(&prompts, "{\"prompt\": \"hi\"}\n{\"promt\": \"typo\"}\n").unwrap();

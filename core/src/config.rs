@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 
 /// How RoPE pairs up the dimensions of a head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RopeLayout {
     /// Dimensions (2i, 2i+1) rotate together: GGUF files of the llama architecture, whose
     /// converter permuted the Q/K rows to this order.

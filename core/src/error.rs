@@ -59,6 +59,10 @@ pub enum Error {
     /// A caller passed inputs that do not fit the engine (wrong hidden size, bad layer range).
     #[error("invalid input: {0}")]
     Input(String),
+    /// The engine itself failed: a GPU device error (lost device, out of memory, validation)
+    /// or a compute thread that went away.
+    #[error("engine: {0}")]
+    Engine(String),
 }
 
 /// Result alias for the core crate.

@@ -5,7 +5,7 @@
 //! applying the final norm and LM head last: exactly the unit a ring node runs.
 
 use crate::config::{Config, RopeLayout};
-use crate::engine::{StageEngine, StageOutput, Want};
+use crate::engine::{StageEngine, StageInput, StageOutput, Want};
 use crate::error::{Error, Result};
 use crate::sampling::argmax;
 use crate::weights::{LayerWeights, RawTensor, StageSpec, StageWeights};
@@ -30,15 +30,6 @@ impl Mat {
     fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }
-}
-
-/// What flows into a stage: token ids at the starter, hidden states everywhere else.
-#[derive(Debug, Clone, Copy)]
-pub enum StageInput<'a> {
-    /// Token ids, one per position.
-    Tokens(&'a [u32]),
-    /// Hidden states, (n_tokens, hidden).
-    Hidden(&'a [f32]),
 }
 
 /// Key and value cache of one sequence for one stage's layers.
@@ -94,6 +85,15 @@ impl Oracle {
 
     pub fn spec(&self) -> &StageSpec {
         &self.weights.spec
+    }
+
+    /// Bytes of the dequantized f32 weights this stage holds.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weights
+            .tensors()
+            .iter()
+            .map(|m| m.data.len() as u64 * 4)
+            .sum()
     }
 
     /// An empty cache for `max_positions` positions of this stage's layers.

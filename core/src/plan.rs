@@ -114,6 +114,25 @@ pub struct NodeProfile {
     pub memory_budget: u64,
     /// Measured speed in multiply-adds per second (only ratios between nodes matter).
     pub speed: f64,
+    /// Bytes the node's engine holds per stored weight byte: 1 for engines that keep weights
+    /// in their stored blocks, about 6 for the f32 oracle on a 4-bit file.
+    #[serde(default = "one")]
+    pub weight_factor: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl NodeProfile {
+    /// A node that keeps weights as stored.
+    pub fn new(memory_budget: u64, speed: f64) -> Self {
+        Self {
+            memory_budget,
+            speed,
+            weight_factor: 1.0,
+        }
+    }
 }
 
 /// A node's share of the model.
@@ -152,9 +171,17 @@ pub fn plan(cost: &ModelCost, nodes: &[NodeProfile], kv_tokens: u64) -> Result<P
     }
     if let Some(bad) = nodes
         .iter()
-        .position(|p| p.speed.is_nan() || p.speed <= 0.0)
+        .position(|p| !(p.speed.is_finite() && p.speed > 0.0))
     {
         return Err(Error::Input(format!("node {bad} has no positive speed")));
+    }
+    if let Some(bad) = nodes
+        .iter()
+        .position(|p| !(p.weight_factor.is_finite() && p.weight_factor >= 1.0))
+    {
+        return Err(Error::Input(format!(
+            "node {bad} has a weight factor below 1"
+        )));
     }
     // Prefix sums so any range's cost is O(1).
     let mut pw = vec![0u64; l + 1];
@@ -173,7 +200,8 @@ pub fn plan(cost: &ModelCost, nodes: &[NodeProfile], kv_tokens: u64) -> Result<P
         let extra_t = if node == 0 { cost.starter_work } else { 0.0 };
         let weights = pw[b] - pw[a] + extra_w;
         let kv = kv_per_layer.saturating_mul((b - a) as u64);
-        if weights.saturating_add(kv) > nodes[node].memory_budget {
+        let resident = (weights as f64 * nodes[node].weight_factor) as u64;
+        if resident.saturating_add(kv) > nodes[node].memory_budget {
             return None;
         }
         Some((weights, kv, (pt[b] - pt[a] + extra_t) / nodes[node].speed))
@@ -233,5 +261,37 @@ pub fn plan(cost: &ModelCost, nodes: &[NodeProfile], kv_tokens: u64) -> Result<P
     Ok(Plan {
         nodes: assignments,
         bottleneck: best[n - 1][l],
+    })
+}
+
+/// Plan a ring over `nodes`, trying each as the starter (which holds the embedding and head)
+/// and keeping the others in their given order after it. Returns the ring order (indices
+/// into `nodes`, starter first) and its plan: the fastest bottleneck found.
+pub fn plan_ring(
+    cost: &ModelCost,
+    nodes: &[NodeProfile],
+    kv_tokens: u64,
+) -> Result<(Vec<usize>, Plan)> {
+    let mut best: Option<(Vec<usize>, Plan)> = None;
+    let mut last_err = None;
+    for first in 0..nodes.len() {
+        let order: Vec<usize> = (0..nodes.len())
+            .map(|i| (first + i) % nodes.len())
+            .collect();
+        let profiles: Vec<NodeProfile> = order.iter().map(|&i| nodes[i]).collect();
+        match plan(cost, &profiles, kv_tokens) {
+            Ok(p) => {
+                if best
+                    .as_ref()
+                    .is_none_or(|(_, b)| p.bottleneck < b.bottleneck)
+                {
+                    best = Some((order, p));
+                }
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    best.ok_or_else(|| {
+        last_err.unwrap_or_else(|| Error::Input("a ring needs at least one node".into()))
     })
 }

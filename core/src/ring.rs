@@ -1,7 +1,8 @@
 //! The ring put together without any transport: stage specs from a plan, and [`LocalRing`],
-//! which passes messages between a starter and its nodes through in-memory queues. Tests use
-//! it to check the protocol deterministically; real rings run the same starter and nodes over
-//! WebRTC.
+//! which passes messages between a starter and its nodes through in-memory queues and runs
+//! their jobs on blocking engines. Tests use it to check the protocol deterministically, and a
+//! one-node `LocalRing` is the single-node generation loop; real rings run the same starter
+//! and nodes over WebRTC through the runtime crate.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -9,14 +10,15 @@ use std::ops::Range;
 use crate::engine::StageEngine;
 use crate::node::Node;
 use crate::starter::{Event, Finish, SeqRequest, Starter};
+use crate::weights::StageSpec;
 
 /// Stage specs for layer ranges in ring order: the starter (first) also embeds and runs the
 /// head; the others run their layers only.
-pub fn stage_specs(ranges: &[Range<usize>]) -> Vec<crate::weights::StageSpec> {
+pub fn stage_specs(ranges: &[Range<usize>]) -> Vec<StageSpec> {
     ranges
         .iter()
         .enumerate()
-        .map(|(i, r)| crate::weights::StageSpec {
+        .map(|(i, r)| StageSpec {
             layers: r.clone(),
             embed: i == 0,
             head: i == 0,
@@ -38,10 +40,33 @@ pub struct Outcome {
     pub finish: Option<Finish>,
 }
 
+/// A secondary node and the engine that runs its jobs.
+pub struct LocalNode<E: StageEngine> {
+    pub node: Node<E::Cache>,
+    pub engine: E,
+}
+
+impl<E: StageEngine> LocalNode<E> {
+    /// Bytes held by the node's KV caches now, and at most so far.
+    pub fn kv_bytes(&self) -> (usize, usize) {
+        self.node.kv_bytes()
+    }
+
+    pub fn engine(&self) -> &E {
+        &self.engine
+    }
+
+    /// Sequences configured on the node.
+    pub fn live_sequences(&self) -> usize {
+        self.node.live_sequences()
+    }
+}
+
 /// A starter and its nodes linked by in-memory queues.
 pub struct LocalRing<E: StageEngine> {
-    pub starter: Starter<E>,
-    pub nodes: Vec<Node<E>>,
+    pub starter: Starter<E::Cache>,
+    pub starter_engine: E,
+    pub nodes: Vec<LocalNode<E>>,
     /// Inbox of each ring position; 0 is the starter.
     pub inbox: Vec<VecDeque<Vec<u8>>>,
     /// Problems nodes reported that belong to no sequence.
@@ -49,25 +74,21 @@ pub struct LocalRing<E: StageEngine> {
 }
 
 impl<E: StageEngine> LocalRing<E> {
-    pub fn new(starter: Starter<E>, nodes: Vec<Node<E>>) -> Self {
+    pub fn new(
+        starter: Starter<E::Cache>,
+        starter_engine: E,
+        nodes: Vec<(Node<E::Cache>, E)>,
+    ) -> Self {
         let n = nodes.len() + 1;
         Self {
             starter,
-            nodes,
+            starter_engine,
+            nodes: nodes
+                .into_iter()
+                .map(|(node, engine)| LocalNode { node, engine })
+                .collect(),
             inbox: vec![VecDeque::new(); n],
             node_errors: Vec::new(),
-        }
-    }
-
-    fn record(&mut self, events: Vec<Event>, outcomes: &mut [Outcome]) {
-        for e in events {
-            match e {
-                Event::Token { index, token } => outcomes[index].tokens.push(token),
-                Event::Done { index, finish } => outcomes[index].finish = Some(finish),
-                Event::NodeError { node, message } => {
-                    self.node_errors.push(format!("node {node}: {message}"))
-                }
-            }
         }
     }
 
@@ -80,37 +101,82 @@ impl<E: StageEngine> LocalRing<E> {
             };
             requests.len()
         ];
-        for (i, r) in requests.into_iter().enumerate() {
-            self.starter.submit(i, r);
+        let ids: Vec<u64> = (0..requests.len() as u64).collect();
+        for (id, r) in ids.iter().zip(requests) {
+            self.starter.submit(*id, r);
         }
-        let n = self.inbox.len();
-        let mut events = Vec::new();
-        let out = self.starter.pump(&mut events);
-        self.record(std::mem::take(&mut events), &mut outcomes);
-        self.inbox[1 % n].extend(out);
-        // One message per position per round, so sequences overlap as in a real pipeline.
-        while !self.starter.is_idle() || self.inbox.iter().any(|q| !q.is_empty()) {
-            let mut progressed = false;
-            for pos in 0..n {
-                let Some(msg) = self.inbox[pos].pop_front() else {
+        let errors = &mut self.node_errors;
+        let mut record = |e: Event| match e {
+            Event::Token { id, token } => outcomes[id as usize].tokens.push(token),
+            Event::Done { id, finish } => outcomes[id as usize].finish = Some(finish),
+            Event::NodeError { node, message } => errors.push(format!("node {node}: {message}")),
+        };
+        run_until_idle(
+            &mut self.starter,
+            &mut self.starter_engine,
+            &mut self.nodes,
+            &mut self.inbox,
+            &mut record,
+        );
+        outcomes
+    }
+
+    /// Run what was submitted to the starter until it is idle, reporting every event as it
+    /// happens (tokens stream to the caller).
+    pub fn run_streaming(&mut self, on_event: &mut dyn FnMut(Event)) {
+        run_until_idle(
+            &mut self.starter,
+            &mut self.starter_engine,
+            &mut self.nodes,
+            &mut self.inbox,
+            on_event,
+        );
+    }
+}
+
+fn run_until_idle<E: StageEngine>(
+    starter: &mut Starter<E::Cache>,
+    starter_engine: &mut E,
+    nodes: &mut [LocalNode<E>],
+    inbox: &mut [VecDeque<Vec<u8>>],
+    on_event: &mut dyn FnMut(Event),
+) {
+    let n = inbox.len();
+    let mut events = Vec::new();
+    let out = starter.pump(&mut events);
+    inbox[1 % n].extend(out);
+    // One message (and the jobs it enables) per position per round, so sequences overlap as
+    // in a real pipeline.
+    loop {
+        let mut progressed = false;
+        for pos in 0..n {
+            let out = if pos == 0 {
+                let mut out = Vec::new();
+                if let Some(msg) = inbox[0].pop_front() {
+                    out.extend(starter.handle(&msg, &mut events));
+                    progressed = true;
+                }
+                if let Some(job) = starter.next_job() {
+                    let done = job.run(starter_engine);
+                    out.extend(starter.complete(done, &mut events));
+                    progressed = true;
+                }
+                events.drain(..).for_each(&mut *on_event);
+                out
+            } else {
+                let Some(msg) = inbox[pos].pop_front() else {
                     continue;
                 };
                 progressed = true;
-                let out = if pos == 0 {
-                    let out = self.starter.handle(&msg, &mut events);
-                    self.record(std::mem::take(&mut events), &mut outcomes);
-                    out
-                } else {
-                    self.nodes[pos - 1].handle(&msg)
-                };
-                self.inbox[(pos + 1) % n].extend(out);
-            }
-            if !progressed {
-                // Idle queues with sequences in flight would be a protocol bug: stop, the
-                // caller sees the missing finishes.
-                break;
-            }
+                let ln = &mut nodes[pos - 1];
+                ln.node.handle_blocking(&msg, &mut ln.engine)
+            };
+            inbox[(pos + 1) % n].extend(out);
         }
-        outcomes
+        if !progressed {
+            // Idle queues with sequences in flight would be a protocol bug: stop, the caller
+            // sees the missing finishes.
+            break;
+        }
     }
 }

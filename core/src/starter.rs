@@ -1,14 +1,27 @@
-//! The starter node, sans-IO: it tokenizes nothing itself (prompts arrive as ids) but owns
-//! everything else about sequences. It admits up to S sequences at once, runs the embedding and
-//! its own layers, sends activations around the ring, and when they come back applies the final
-//! norm + head, samples, and sends the next token on its way — while other sequences occupy
-//! the other nodes (recurrent pipeline parallelism). A waiting sequence is admitted as soon as
-//! one finishes. Each sequence has its own sampling parameters and stop rule.
+//! The starter node, sans-IO and split-phase. Prompts arrive as token ids; the starter owns
+//! everything else about sequences. It admits up to S sequences at once, hands out jobs for
+//! the embedding and its own layers, sends the hidden states around the ring, and when they
+//! come back hands out a head job, samples, and feeds the next token — while other sequences
+//! occupy the other nodes (recurrent pipeline parallelism). A waiting sequence is admitted as
+//! soon as one finishes. Each sequence has its own sampling parameters and stop rule.
+//!
+//! With one node (`n_nodes == 1`) nothing leaves the starter: each job runs the whole model
+//! and returns the next token directly. That is how `mdi generate` runs, so single-node and
+//! ring generation share this one loop of prefill, sampling and stopping.
+//!
+//! ```text
+//! submit(id, request)           queue a request
+//! pump() -> messages            admit what fits (Start messages for the ring)
+//! next_job() -> Job             a feed (embedding + layers) or a head job, cache lent out
+//! complete(done) -> messages    activations for node 1, or a token, events
+//! handle(msg) -> messages       an activation back from the last node: a head job follows
+//! cancel(id) -> messages        stop a request (End travels around and frees every cache)
+//! ```
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::engine::{StageEngine, StageOutput, Want};
-use crate::oracle::StageInput;
+use crate::engine::{expect_hidden, CacheSlot, Done, Job, JobInput, StageOutput, Task, Want};
+use crate::error::Error;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::wire::{self, Activation, Control, Message, Reassembler, WireDtype};
 
@@ -24,8 +37,14 @@ pub struct SeqRequest {
 /// Why a sequence ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finish {
+    /// The model produced an end-of-sequence token (it is the last token reported).
     Eos,
+    /// The request's token budget was used up.
     MaxTokens,
+    /// The model's context is full.
+    Context,
+    /// The request was cancelled.
+    Cancelled,
     /// The sequence failed; the others go on.
     Error(String),
 }
@@ -33,11 +52,11 @@ pub enum Finish {
 /// What the starter reports as it runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A token was sampled for the request with this index.
-    Token { index: usize, token: u32 },
+    /// A token was sampled for request `id`.
+    Token { id: u64, token: u32 },
     /// The request ended.
-    Done { index: usize, finish: Finish },
-    /// A node reported a problem not tied to a sequence (a garbage frame).
+    Done { id: u64, finish: Finish },
+    /// A node reported a problem not tied to a live sequence (a garbage frame).
     NodeError { node: u32, message: String },
 }
 
@@ -53,64 +72,95 @@ pub struct StarterConfig {
     pub context: usize,
     /// Sequences in flight at once.
     pub in_flight: usize,
+    /// KV bytes one position of one sequence takes on the starter's layers.
+    pub kv_bytes_per_position: usize,
+    /// Cap on the starter's KV bytes: admission waits while the next sequence would pass it.
+    pub kv_cap_bytes: usize,
+}
+
+enum Slot<C> {
+    Unmade,
+    Here(C),
+    Lent,
 }
 
 struct Seq<C> {
-    index: usize,
-    cache: C,
+    id: u64,
+    cache: Slot<C>,
     sampler: Sampler,
     req: SeqRequest,
     generated: usize,
     /// Position of the next token to feed.
     pos: usize,
     positions: usize,
+    bytes: usize,
+    /// Tokens of the running feed job.
+    feeding: Option<usize>,
+}
+
+/// Work the starter has decided on but not handed out yet.
+enum Pending {
+    Feed(Vec<u32>),
+    Head(Vec<f32>),
 }
 
 /// The starter's state.
-pub struct Starter<E: StageEngine> {
+pub struct Starter<C> {
     cfg: StarterConfig,
-    engine: E,
-    seqs: HashMap<u64, Seq<E::Cache>>,
-    waiting: VecDeque<(usize, SeqRequest)>,
-    /// Hidden rows that came back around a one-node ring, handled without a transport.
-    looped: VecDeque<(u64, Vec<f32>)>,
+    seqs: HashMap<u64, Seq<C>>,
+    by_id: HashMap<u64, u64>,
+    waiting: VecDeque<(u64, SeqRequest)>,
+    ready: VecDeque<(u64, Pending)>,
     reassembler: Reassembler,
     next_seq: u64,
     kv_used: usize,
     kv_peak: usize,
+    tokens: u64,
 }
 
-impl<E: StageEngine> Starter<E> {
-    pub fn new(cfg: StarterConfig, engine: E) -> Self {
+impl<C> Starter<C> {
+    pub fn new(cfg: StarterConfig) -> Self {
         Self {
             reassembler: Reassembler::new(cfg.hidden, 1),
             cfg,
-            engine,
             seqs: HashMap::new(),
+            by_id: HashMap::new(),
             waiting: VecDeque::new(),
-            looped: VecDeque::new(),
+            ready: VecDeque::new(),
             next_seq: 1,
             kv_used: 0,
             kv_peak: 0,
+            tokens: 0,
         }
     }
 
-    /// Queue a request; `index` names it in events.
-    pub fn submit(&mut self, index: usize, req: SeqRequest) {
-        self.waiting.push_back((index, req));
+    pub fn config(&self) -> &StarterConfig {
+        &self.cfg
+    }
+
+    /// Queue a request; `id` names it in events and must be unique among live requests.
+    pub fn submit(&mut self, id: u64, req: SeqRequest) {
+        self.waiting.push_back((id, req));
     }
 
     /// Nothing in flight and nothing waiting.
     pub fn is_idle(&self) -> bool {
-        self.seqs.is_empty() && self.waiting.is_empty() && self.looped.is_empty()
+        self.seqs.is_empty() && self.waiting.is_empty()
     }
 
+    /// Sequences admitted and not finished.
     pub fn in_flight(&self) -> usize {
         self.seqs.len()
     }
 
-    pub fn engine(&self) -> &E {
-        &self.engine
+    /// Requests submitted but not admitted yet.
+    pub fn queued(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether a job is ready to run.
+    pub fn has_job(&self) -> bool {
+        !self.ready.is_empty()
     }
 
     /// Bytes held by this node's KV caches now, and at most so far.
@@ -118,22 +168,31 @@ impl<E: StageEngine> Starter<E> {
         (self.kv_used, self.kv_peak)
     }
 
+    /// Tokens sampled so far.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
     /// Admit waiting sequences while there is room; returns messages for node 1.
     pub fn pump(&mut self, events: &mut Vec<Event>) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        loop {
-            while self.seqs.len() < self.cfg.in_flight.max(1) {
-                let Some((index, req)) = self.waiting.pop_front() else {
-                    break;
-                };
-                self.admit(index, req, &mut out, events);
-            }
-            if self.looped.is_empty() {
-                break;
-            }
-            // A one-node ring: what the starter sent comes straight back.
-            self.drain_loop(&mut out, events);
+        self.admit(&mut out, events);
+        out
+    }
+
+    /// Stop request `id`, queued or running. Its caches are freed on every node.
+    pub fn cancel(&mut self, id: u64, events: &mut Vec<Event>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        if let Some(i) = self.waiting.iter().position(|(w, _)| *w == id) {
+            self.waiting.remove(i);
+            events.push(Event::Done {
+                id,
+                finish: Finish::Cancelled,
+            });
+        } else if let Some(&seq) = self.by_id.get(&id) {
+            self.finish(seq, Finish::Cancelled, &mut out, events);
         }
+        self.admit(&mut out, events);
         out
     }
 
@@ -150,152 +209,208 @@ impl<E: StageEngine> Starter<E> {
                     let msg = format!("node {node}: {message}");
                     self.finish(seq, Finish::Error(msg), &mut out, events);
                 }
-                _ => events.push(Event::NodeError { node, message }),
+                // About a sequence that already ended: its other errors were reported.
+                Some(_) => {}
+                None => events.push(Event::NodeError { node, message }),
             },
             // Start and End come back after visiting every node: nothing more to do.
             Ok(Message::Control(_)) => {}
             Ok(Message::Activation(chunk)) => {
                 let seq = chunk.seq;
-                match self.reassembler.push(chunk) {
-                    Err(e) => {
-                        if self.seqs.contains_key(&seq) {
-                            self.finish(seq, Finish::Error(e.to_string()), &mut out, events);
-                        } else {
-                            events.push(Event::NodeError {
-                                node: 0,
-                                message: e.to_string(),
-                            });
-                        }
+                if self.seqs.contains_key(&seq) {
+                    match self.reassembler.push(chunk) {
+                        Err(e) => self.finish(seq, Finish::Error(e.to_string()), &mut out, events),
+                        Ok(None) => {}
+                        Ok(Some(act)) => self.returned(act, &mut out, events),
                     }
-                    Ok(None) => {}
-                    Ok(Some(act)) => self.returned(act, &mut out, events),
                 }
+                // Otherwise the sequence already ended (cancelled, or an error overtook it).
             }
         }
-        self.pump_into(&mut out, events);
+        self.admit(&mut out, events);
         out
     }
 
-    fn pump_into(&mut self, out: &mut Vec<Vec<u8>>, events: &mut Vec<Event>) {
-        let more = self.pump(events);
-        out.extend(more);
-    }
-
-    fn drain_loop(&mut self, out: &mut Vec<Vec<u8>>, events: &mut Vec<Event>) {
-        while let Some((seq, hidden)) = self.looped.pop_front() {
-            self.next_token(seq, &hidden, out, events);
-        }
-    }
-
-    fn admit(
-        &mut self,
-        index: usize,
-        req: SeqRequest,
-        out: &mut Vec<Vec<u8>>,
-        events: &mut Vec<Event>,
-    ) {
-        let n = req.prompt_tokens.len();
-        let fail = |events: &mut Vec<Event>, m: String| {
-            events.push(Event::Done {
-                index,
-                finish: Finish::Error(m),
-            })
-        };
-        if n == 0 {
-            return fail(events, "the prompt is empty".into());
-        }
-        if n >= self.cfg.context {
-            return fail(
-                events,
-                format!(
-                    "the prompt has {n} tokens but the model's context holds {} positions",
-                    self.cfg.context
-                ),
-            );
-        }
-        if req.max_tokens == 0 {
-            events.push(Event::Done {
-                index,
-                finish: Finish::MaxTokens,
-            });
-            return;
-        }
-        // The last generated token is never fed back, so it needs no position.
-        let positions = (n + req.max_tokens - 1).min(self.cfg.context);
-        let cache = match self.engine.new_cache(positions) {
-            Ok(c) => c,
-            Err(e) => return fail(events, e.to_string()),
-        };
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.kv_used += self.engine.cache_bytes(positions);
-        self.kv_peak = self.kv_peak.max(self.kv_used);
-        out.push(wire::encode_control(&Control::Start {
-            seq,
-            positions: positions as u32,
-        }));
-        self.seqs.insert(
-            seq,
-            Seq {
-                index,
-                cache,
-                sampler: Sampler::new(req.params),
-                req,
-                generated: 0,
-                pos: 0,
-                positions,
-            },
-        );
-        let prompt = self.seqs[&seq].req.prompt_tokens.clone();
-        self.feed(seq, &prompt, out, events);
-    }
-
-    /// Run the embedding and the starter's layers on `tokens` and send them around the ring.
-    fn feed(&mut self, seq: u64, tokens: &[u32], out: &mut Vec<Vec<u8>>, events: &mut Vec<Event>) {
-        let Some(s) = self.seqs.get_mut(&seq) else {
-            return;
-        };
-        if s.pos + tokens.len() > s.positions {
-            let m = format!(
-                "the sequence outgrew its context of {} positions",
-                s.positions
-            );
-            return self.finish(seq, Finish::Error(m), out, events);
-        }
-        let first_pos = s.pos;
-        let result = self
-            .engine
-            .forward(&mut s.cache, StageInput::Tokens(tokens), Want::Hidden);
-        let hidden = match result {
-            Ok(StageOutput::Hidden(h)) => h,
-            Ok(other) => {
-                let m = format!("starter stage returned {other:?}");
-                return self.finish(seq, Finish::Error(m), out, events);
+    fn admit(&mut self, out: &mut Vec<Vec<u8>>, events: &mut Vec<Event>) {
+        while self.seqs.len() < self.cfg.in_flight.max(1) {
+            let Some((id, req)) = self.waiting.pop_front() else {
+                break;
+            };
+            let n = req.prompt_tokens.len();
+            let fail = |events: &mut Vec<Event>, m: String| {
+                events.push(Event::Done {
+                    id,
+                    finish: Finish::Error(m),
+                })
+            };
+            if n == 0 {
+                fail(events, "the prompt is empty".into());
+                continue;
             }
-            Err(e) => return self.finish(seq, Finish::Error(e.to_string()), out, events),
-        };
-        s.pos += tokens.len();
-        if self.cfg.n_nodes == 1 {
-            let last = hidden[hidden.len() - self.cfg.hidden..].to_vec();
-            self.looped.push_back((seq, last));
-        } else {
-            out.extend(wire::encode_activation(
+            if n >= self.cfg.context {
+                fail(
+                    events,
+                    format!(
+                        "the prompt has {n} tokens but the model's context holds {} positions \
+                         (including at least one generated token); shorten the prompt",
+                        self.cfg.context
+                    ),
+                );
+                continue;
+            }
+            if req.max_tokens == 0 {
+                events.push(Event::Done {
+                    id,
+                    finish: Finish::MaxTokens,
+                });
+                continue;
+            }
+            // The last generated token is never fed back, so it needs no position.
+            let positions = (n + req.max_tokens - 1).min(self.cfg.context);
+            let bytes = positions.saturating_mul(self.cfg.kv_bytes_per_position);
+            if bytes > self.cfg.kv_cap_bytes {
+                fail(
+                    events,
+                    format!(
+                        "{positions} positions need {bytes} bytes of KV cache on the starter, \
+                         more than its cap of {} bytes; ask for fewer tokens",
+                        self.cfg.kv_cap_bytes
+                    ),
+                );
+                continue;
+            }
+            if self.kv_used + bytes > self.cfg.kv_cap_bytes {
+                // Wait for a running sequence to free its cache.
+                self.waiting.push_front((id, req));
+                break;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.kv_used += bytes;
+            self.kv_peak = self.kv_peak.max(self.kv_used);
+            if self.cfg.n_nodes > 1 {
+                out.push(wire::encode_control(&Control::Start {
+                    seq,
+                    positions: positions as u32,
+                }));
+            }
+            self.ready
+                .push_back((seq, Pending::Feed(req.prompt_tokens.clone())));
+            self.by_id.insert(id, seq);
+            self.seqs.insert(
                 seq,
-                first_pos as u32,
-                self.cfg.hidden,
-                &hidden,
-                self.cfg.wire,
-                self.cfg.max_message,
-            ));
+                Seq {
+                    id,
+                    cache: Slot::Unmade,
+                    sampler: Sampler::new(req.params),
+                    req,
+                    generated: 0,
+                    pos: 0,
+                    positions,
+                    bytes,
+                    feeding: None,
+                },
+            );
         }
+    }
+
+    /// The next job to run, if any.
+    pub fn next_job(&mut self) -> Option<Job<C>> {
+        while let Some((seq, pending)) = self.ready.pop_front() {
+            let Some(s) = self.seqs.get_mut(&seq) else {
+                continue;
+            };
+            let greedy = s.req.params.is_greedy();
+            let sample_want = if greedy { Want::Argmax } else { Want::Logits };
+            let task = match pending {
+                Pending::Head(hidden) => Task::Head {
+                    hidden,
+                    want: sample_want,
+                },
+                Pending::Feed(tokens) => {
+                    let cache = match std::mem::replace(&mut s.cache, Slot::Lent) {
+                        Slot::Here(c) => CacheSlot::Lent(c),
+                        Slot::Unmade => CacheSlot::New {
+                            positions: s.positions,
+                        },
+                        // One job per sequence at a time: the feed follows its token.
+                        Slot::Lent => continue,
+                    };
+                    s.feeding = Some(tokens.len());
+                    Task::Forward {
+                        cache,
+                        input: JobInput::Tokens(tokens),
+                        // A one-node ring runs the head in the same pass.
+                        want: if self.cfg.n_nodes == 1 {
+                            sample_want
+                        } else {
+                            Want::Hidden
+                        },
+                    }
+                }
+            };
+            return Some(Job { seq, task });
+        }
+        None
+    }
+
+    /// Takes a finished job back; returns messages for node 1.
+    pub fn complete(&mut self, done: Done<C>, events: &mut Vec<Event>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let seq = done.seq;
+        let Some(s) = self.seqs.get_mut(&seq) else {
+            // Cancelled while the job ran; its cache is dropped here.
+            return out;
+        };
+        match s.feeding.take() {
+            Some(n) => {
+                let output = match (done.cache, done.output) {
+                    (Some(cache), Ok(o)) => {
+                        s.cache = Slot::Here(cache);
+                        s.pos += n;
+                        o
+                    }
+                    (_, Err(e)) => {
+                        s.cache = Slot::Unmade;
+                        self.finish(seq, Finish::Error(e.to_string()), &mut out, events);
+                        self.admit(&mut out, events);
+                        return out;
+                    }
+                    (None, Ok(_)) => {
+                        s.cache = Slot::Unmade;
+                        let e = "the job lost the sequence's cache".to_string();
+                        self.finish(seq, Finish::Error(e), &mut out, events);
+                        self.admit(&mut out, events);
+                        return out;
+                    }
+                };
+                if self.cfg.n_nodes == 1 {
+                    self.sampled(seq, Ok(output), &mut out, events);
+                } else {
+                    match expect_hidden(output) {
+                        Ok(hidden) => out.extend(wire::encode_activation(
+                            seq,
+                            (s.pos - n) as u32,
+                            self.cfg.hidden,
+                            &hidden,
+                            self.cfg.wire,
+                            self.cfg.max_message,
+                        )),
+                        Err(e) => self.finish(seq, Finish::Error(e.to_string()), &mut out, events),
+                    }
+                }
+            }
+            None => self.sampled(seq, done.output, &mut out, events),
+        }
+        self.admit(&mut out, events);
+        out
     }
 
     fn returned(&mut self, act: Activation, out: &mut Vec<Vec<u8>>, events: &mut Vec<Event>) {
         let Some(s) = self.seqs.get(&act.seq) else {
-            // A sequence that already ended (an error overtook its activation).
             return;
         };
-        if act.n_tokens != 1 || act.first_pos as usize + 1 != s.pos {
+        if act.n_tokens != 1 || act.first_pos as usize + 1 != s.pos || s.feeding.is_some() {
             let m = format!(
                 "activation for position {} came back, expected {}",
                 act.first_pos,
@@ -303,46 +418,42 @@ impl<E: StageEngine> Starter<E> {
             );
             return self.finish(act.seq, Finish::Error(m), out, events);
         }
-        self.next_token(act.seq, &act.data, out, events);
+        self.ready.push_back((act.seq, Pending::Head(act.data)));
     }
 
-    /// Head + sampling on the returned row, then stop or feed the new token.
-    fn next_token(
+    /// Sampling on a head output, then stop or queue the new token's feed.
+    fn sampled(
         &mut self,
         seq: u64,
-        hidden: &[f32],
+        output: crate::Result<StageOutput>,
         out: &mut Vec<Vec<u8>>,
         events: &mut Vec<Event>,
     ) {
         let Some(s) = self.seqs.get_mut(&seq) else {
             return;
         };
-        let want = if s.req.params.is_greedy() {
-            Want::Argmax
-        } else {
-            Want::Logits
-        };
-        let token = match self.engine.head(hidden, want) {
+        let token = match output {
             Ok(StageOutput::Token(t)) => t,
             Ok(StageOutput::Logits(l)) => s.sampler.sample(&l),
-            Ok(other) => {
-                let m = format!("head returned {other:?}");
-                return self.finish(seq, Finish::Error(m), out, events);
+            Ok(StageOutput::Hidden(_)) => {
+                let e = Error::Engine("the head returned hidden states".into());
+                return self.finish(seq, Finish::Error(e.to_string()), out, events);
             }
             Err(e) => return self.finish(seq, Finish::Error(e.to_string()), out, events),
         };
         s.generated += 1;
-        events.push(Event::Token {
-            index: s.index,
-            token,
-        });
+        self.tokens += 1;
+        events.push(Event::Token { id: s.id, token });
         if s.req.eos_ids.contains(&token) {
             return self.finish(seq, Finish::Eos, out, events);
         }
         if s.generated >= s.req.max_tokens {
             return self.finish(seq, Finish::MaxTokens, out, events);
         }
-        self.feed(seq, &[token], out, events);
+        if s.pos + 1 > s.positions {
+            return self.finish(seq, Finish::Context, out, events);
+        }
+        self.ready.push_back((seq, Pending::Feed(vec![token])));
     }
 
     fn finish(
@@ -353,16 +464,27 @@ impl<E: StageEngine> Starter<E> {
         events: &mut Vec<Event>,
     ) {
         if let Some(s) = self.seqs.remove(&seq) {
-            self.kv_used -= self.engine.cache_bytes(s.positions);
+            self.kv_used -= s.bytes;
+            self.by_id.remove(&s.id);
             self.reassembler.drop_sequence(seq);
-            self.looped.retain(|(q, _)| *q != seq);
+            self.ready.retain(|(q, _)| *q != seq);
             if self.cfg.n_nodes > 1 {
                 out.push(wire::encode_control(&Control::End { seq }));
             }
-            events.push(Event::Done {
-                index: s.index,
-                finish,
-            });
+            events.push(Event::Done { id: s.id, finish });
         }
+    }
+
+    /// Runs every job that is ready on a blocking engine; returns messages for node 1.
+    pub fn run_jobs_blocking<E>(&mut self, engine: &mut E, events: &mut Vec<Event>) -> Vec<Vec<u8>>
+    where
+        E: crate::engine::StageEngine<Cache = C> + ?Sized,
+    {
+        let mut out = Vec::new();
+        while let Some(job) = self.next_job() {
+            let done = job.run(engine);
+            out.extend(self.complete(done, events));
+        }
+        out
     }
 }

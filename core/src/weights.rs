@@ -44,7 +44,7 @@ impl StageSpec {
 }
 
 /// The role of a tensor in the model, independent of the file format's naming.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     Embed,
     OutputNorm,
@@ -63,6 +63,88 @@ pub enum Role {
     Down,
 }
 
+/// How a weight format names its tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Naming {
+    /// `blk.N.attn_q.weight`, as in GGUF files.
+    Gguf,
+    /// `model.layers.N.self_attn.q_proj.weight`, as in Hugging Face checkpoints.
+    HuggingFace,
+}
+
+impl Naming {
+    /// The name of the tensor playing `role` (in `layer`, for per-layer roles).
+    pub fn tensor_name(self, role: Role, layer: usize) -> String {
+        match self {
+            Naming::Gguf => {
+                let per_layer = |s: &str| format!("blk.{layer}.{s}");
+                match role {
+                    Role::Embed => "token_embd.weight".into(),
+                    Role::OutputNorm => "output_norm.weight".into(),
+                    Role::Head => "output.weight".into(),
+                    Role::AttnNorm => per_layer("attn_norm.weight"),
+                    Role::Wq => per_layer("attn_q.weight"),
+                    Role::Wk => per_layer("attn_k.weight"),
+                    Role::Wv => per_layer("attn_v.weight"),
+                    Role::Wo => per_layer("attn_output.weight"),
+                    Role::Bq => per_layer("attn_q.bias"),
+                    Role::Bk => per_layer("attn_k.bias"),
+                    Role::Bv => per_layer("attn_v.bias"),
+                    Role::FfnNorm => per_layer("ffn_norm.weight"),
+                    Role::Gate => per_layer("ffn_gate.weight"),
+                    Role::Up => per_layer("ffn_up.weight"),
+                    Role::Down => per_layer("ffn_down.weight"),
+                }
+            }
+            Naming::HuggingFace => {
+                let per_layer = |s: &str| format!("model.layers.{layer}.{s}");
+                match role {
+                    Role::Embed => "model.embed_tokens.weight".into(),
+                    Role::OutputNorm => "model.norm.weight".into(),
+                    Role::Head => "lm_head.weight".into(),
+                    Role::AttnNorm => per_layer("input_layernorm.weight"),
+                    Role::Wq => per_layer("self_attn.q_proj.weight"),
+                    Role::Wk => per_layer("self_attn.k_proj.weight"),
+                    Role::Wv => per_layer("self_attn.v_proj.weight"),
+                    Role::Wo => per_layer("self_attn.o_proj.weight"),
+                    Role::Bq => per_layer("self_attn.q_proj.bias"),
+                    Role::Bk => per_layer("self_attn.k_proj.bias"),
+                    Role::Bv => per_layer("self_attn.v_proj.bias"),
+                    Role::FfnNorm => per_layer("post_attention_layernorm.weight"),
+                    Role::Gate => per_layer("mlp.gate_proj.weight"),
+                    Role::Up => per_layer("mlp.up_proj.weight"),
+                    Role::Down => per_layer("mlp.down_proj.weight"),
+                }
+            }
+        }
+    }
+}
+
+/// Where a tensor's stored bytes are: which file of the store, and the byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TensorLocation {
+    pub file: usize,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Roles of one transformer block's tensors (biases only where the model has them).
+pub const LAYER_ROLES: [Role; 12] = [
+    Role::AttnNorm,
+    Role::Wq,
+    Role::Wk,
+    Role::Wv,
+    Role::Wo,
+    Role::Bq,
+    Role::Bk,
+    Role::Bv,
+    Role::FfnNorm,
+    Role::Gate,
+    Role::Up,
+    Role::Down,
+];
+
 /// Tensor table of a weight file: names in the file's own convention, raw bytes on demand.
 pub trait TensorStore {
     /// A name for error messages.
@@ -73,6 +155,8 @@ pub trait TensorStore {
     fn info(&self, name: &str) -> Option<(DType, Vec<usize>)>;
     /// The tensor's raw stored bytes.
     fn read(&self, name: &str) -> Result<Vec<u8>>;
+    /// Where the tensor's bytes are stored, for serving them by range.
+    fn locate(&self, name: &str) -> Option<TensorLocation>;
 }
 
 /// A tensor as stored: type, row-major shape and raw bytes (blocks stay quantized).
@@ -147,6 +231,20 @@ impl<T> StageWeights<T> {
         self.head.as_ref().or(self.embed.as_ref())
     }
 
+    /// Every tensor the stage holds, once.
+    pub fn tensors(&self) -> Vec<&T> {
+        let mut out: Vec<&T> = Vec::new();
+        out.extend(&self.embed);
+        for l in &self.layers {
+            out.extend([&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo]);
+            out.extend([&l.bq, &l.bk, &l.bv].into_iter().flatten());
+            out.extend([&l.ffn_norm, &l.gate, &l.up, &l.down]);
+        }
+        out.extend(&self.output_norm);
+        out.extend(&self.head);
+        out
+    }
+
     /// Convert every tensor (dequantize for the CPU, upload for the GPU).
     pub fn try_map<U>(self, mut f: impl FnMut(T) -> Result<U>) -> Result<StageWeights<U>> {
         let opt = |t: Option<T>, f: &mut dyn FnMut(T) -> Result<U>| t.map(f).transpose();
@@ -178,6 +276,11 @@ impl<T> StageWeights<T> {
 }
 
 impl StageWeights<RawTensor> {
+    /// Stored bytes of every tensor: what the stage read from its file.
+    pub fn stored_bytes(&self) -> u64 {
+        self.tensors().iter().map(|t| t.bytes.len() as u64).sum()
+    }
+
     /// Read the tensors of `spec` from `store`, checking every shape against `config`.
     pub fn load(store: &dyn TensorStore, config: &Config, spec: &StageSpec) -> Result<Self> {
         spec.validate(config)?;
@@ -269,24 +372,7 @@ impl<S: ByteSource> TensorStore for GgufStore<S> {
     }
 
     fn tensor_name(&self, role: Role, layer: usize) -> String {
-        let per_layer = |s: &str| format!("blk.{layer}.{s}");
-        match role {
-            Role::Embed => "token_embd.weight".into(),
-            Role::OutputNorm => "output_norm.weight".into(),
-            Role::Head => "output.weight".into(),
-            Role::AttnNorm => per_layer("attn_norm.weight"),
-            Role::Wq => per_layer("attn_q.weight"),
-            Role::Wk => per_layer("attn_k.weight"),
-            Role::Wv => per_layer("attn_v.weight"),
-            Role::Wo => per_layer("attn_output.weight"),
-            Role::Bq => per_layer("attn_q.bias"),
-            Role::Bk => per_layer("attn_k.bias"),
-            Role::Bv => per_layer("attn_v.bias"),
-            Role::FfnNorm => per_layer("ffn_norm.weight"),
-            Role::Gate => per_layer("ffn_gate.weight"),
-            Role::Up => per_layer("ffn_up.weight"),
-            Role::Down => per_layer("ffn_down.weight"),
-        }
+        Naming::Gguf.tensor_name(role, layer)
     }
 
     fn info(&self, name: &str) -> Option<(DType, Vec<usize>)> {
@@ -295,6 +381,14 @@ impl<S: ByteSource> TensorStore for GgufStore<S> {
 
     fn read(&self, name: &str) -> Result<Vec<u8>> {
         self.gguf.read_bytes(&self.source, name)
+    }
+
+    fn locate(&self, name: &str) -> Option<TensorLocation> {
+        self.gguf.tensor(name).map(|t| TensorLocation {
+            file: 0,
+            offset: t.offset,
+            len: t.n_bytes,
+        })
     }
 }
 
@@ -360,6 +454,14 @@ impl<S: ByteSource> SafetensorsStore<S> {
             .iter()
             .find_map(|f| f.metadata.info(name).map(|i| (f, i)))
     }
+
+    /// The names of the shard files, in store order (what [`TensorLocation::file`] indexes).
+    pub fn shard_names(&self) -> Vec<String> {
+        self.files
+            .iter()
+            .map(|f| f.source.name().to_string())
+            .collect()
+    }
 }
 
 fn st_dtype(d: StDtype) -> Option<DType> {
@@ -377,24 +479,7 @@ impl<S: ByteSource> TensorStore for SafetensorsStore<S> {
     }
 
     fn tensor_name(&self, role: Role, layer: usize) -> String {
-        let per_layer = |s: &str| format!("model.layers.{layer}.{s}");
-        match role {
-            Role::Embed => "model.embed_tokens.weight".into(),
-            Role::OutputNorm => "model.norm.weight".into(),
-            Role::Head => "lm_head.weight".into(),
-            Role::AttnNorm => per_layer("input_layernorm.weight"),
-            Role::Wq => per_layer("self_attn.q_proj.weight"),
-            Role::Wk => per_layer("self_attn.k_proj.weight"),
-            Role::Wv => per_layer("self_attn.v_proj.weight"),
-            Role::Wo => per_layer("self_attn.o_proj.weight"),
-            Role::Bq => per_layer("self_attn.q_proj.bias"),
-            Role::Bk => per_layer("self_attn.k_proj.bias"),
-            Role::Bv => per_layer("self_attn.v_proj.bias"),
-            Role::FfnNorm => per_layer("post_attention_layernorm.weight"),
-            Role::Gate => per_layer("mlp.gate_proj.weight"),
-            Role::Up => per_layer("mlp.up_proj.weight"),
-            Role::Down => per_layer("mlp.down_proj.weight"),
-        }
+        Naming::HuggingFace.tensor_name(role, layer)
     }
 
     fn info(&self, name: &str) -> Option<(DType, Vec<usize>)> {
@@ -419,10 +504,30 @@ impl<S: ByteSource> TensorStore for SafetensorsStore<S> {
             });
         }
         let (start, end) = info.data_offsets;
+        if end < start {
+            return Err(Error::format(
+                file.source.name(),
+                format!("tensor `{name}` ends before it starts"),
+            ));
+        }
         file.source.read_vec(
             file.data_start + start as u64,
             (end - start) as u64,
             &format!("tensor `{name}`"),
         )
+    }
+
+    fn locate(&self, name: &str) -> Option<TensorLocation> {
+        let (i, info) = self
+            .files
+            .iter()
+            .enumerate()
+            .find_map(|(i, f)| f.metadata.info(name).map(|t| (i, t)))?;
+        let (start, end) = info.data_offsets;
+        Some(TensorLocation {
+            file: i,
+            offset: self.files[i].data_start + start as u64,
+            len: end.checked_sub(start)? as u64,
+        })
     }
 }

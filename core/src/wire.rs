@@ -85,15 +85,33 @@ pub enum Control {
         wire: WireDtype,
     },
     /// A sequence begins; its caches need `positions` positions.
-    Start { seq: u64, positions: u32 },
+    Start {
+        seq: u64,
+        positions: u32,
+    },
     /// A sequence is over: free its caches.
-    End { seq: u64 },
+    End {
+        seq: u64,
+    },
     /// Something went wrong at `node`, for one sequence or for a frame it could not read.
     Error {
         seq: Option<u64>,
         node: u32,
         message: String,
     },
+    /// Sent to the next node, which answers with [`Control::Pong`] on the reverse direction
+    /// of the same link: the hop's round trip.
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+}
+
+/// Whether `msg` is a control message (cheap: looks at the header only).
+pub fn is_control(msg: &[u8]) -> bool {
+    msg.len() >= 2 && msg[0] == VERSION && msg[1] == KIND_CONTROL
 }
 
 /// One decoded message.
@@ -287,8 +305,8 @@ impl Reassembler {
         }
     }
 
-    /// Add a chunk; returns the activation when its last chunk arrives.
-    pub fn push(&mut self, chunk: Chunk<'_>) -> Result<Option<Activation>> {
+    /// Checks a chunk's shape against this node's hidden size and token limit.
+    pub fn check(&self, chunk: &Chunk<'_>) -> Result<()> {
         if chunk.hidden as usize != self.hidden {
             return Err(wire_err(format!(
                 "sequence {}: activation of hidden size {} on a ring of hidden size {}",
@@ -301,6 +319,12 @@ impl Reassembler {
                 chunk.seq, chunk.n_tokens, self.max_tokens
             )));
         }
+        Ok(())
+    }
+
+    /// Add a chunk; returns the activation when its last chunk arrives.
+    pub fn push(&mut self, chunk: Chunk<'_>) -> Result<Option<Activation>> {
+        self.check(&chunk)?;
         let total = chunk.total_bytes() as usize;
         let p = self.partial.entry(chunk.seq).or_insert_with(|| Partial {
             first_pos: chunk.first_pos,
@@ -308,7 +332,9 @@ impl Reassembler {
             dtype: chunk.dtype,
             received: 0,
             total,
-            data: Vec::with_capacity(chunk.n_tokens as usize * chunk.hidden as usize),
+            // Grown as chunks arrive: memory follows the bytes actually received, not the
+            // size a header claims.
+            data: Vec::new(),
         });
         let same = p.first_pos == chunk.first_pos
             && p.n_tokens == chunk.n_tokens

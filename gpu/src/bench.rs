@@ -14,16 +14,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use mdi_core::engine::StageInput;
 use mdi_core::engine::{StageEngine, StageOutput, Want};
-use mdi_core::oracle::StageInput;
 use mdi_core::weights::{RawTensor, StageWeights};
 use mdi_core::Config;
 use wgpu::util::DeviceExt;
 
 use crate::context::GpuContext;
-use crate::engine::{GpuEngine, Role};
+use crate::engine::GpuEngine;
 use crate::error::{Error, Result};
 use crate::kernels::Dispatch;
+use crate::launch::KernelRole;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -360,7 +361,7 @@ pub fn run(
     let c = engine.config().clone();
     let attention_bytes = (c.n_heads * decode_position * c.head_dim * 8 + 2 * c.q_dim() * 4) as u64;
     let attention_flops = (4 * c.n_heads * decode_position * c.head_dim) as u64;
-    let mut groups: BTreeMap<Role, (Vec<&Dispatch>, u64, u64)> = BTreeMap::new();
+    let mut groups: BTreeMap<KernelRole, (Vec<&Dispatch>, u64, u64)> = BTreeMap::new();
     let decode = engine
         .decode
         .as_ref()
@@ -379,7 +380,7 @@ pub fn run(
         let e = groups.entry(s.role).or_default();
         e.0.push(&s.d);
         // (Split attention's combine pass is counted with its first pass.)
-        if s.role == Role::Attention && !s.d.key.contains("_combine") {
+        if s.role == KernelRole::Attention && !s.d.key.contains("_combine") {
             e.1 += attention_bytes;
             e.2 += attention_flops;
         } else {

@@ -1,4 +1,4 @@
-//! [`GpuEngine`]: one stage of the model on the GPU, meeting the same [`StageEngine`] contract
+//! [`GpuEngine`]: one stage of the model on the GPU, meeting the same [`StageEngine`](mdi_core::StageEngine) contract
 //! as the CPU oracle. Weights stay quantized in GPU memory; every buffer, bind group and
 //! pipeline is made once and replayed: a decode step writes the token id and its position
 //! (two `write_buffer`s), copies the position into the `p0` word of each layer's KV-write and
@@ -9,14 +9,15 @@
 //! holds more than one layer.
 //!
 //! Reading back is asynchronous (`map_async`), so the engine also runs in the browser through
-//! [`GpuEngine::forward_async`] / [`GpuEngine::head_async`]; natively the [`StageEngine`]
+//! [`GpuEngine::forward_async`] / [`GpuEngine::head_async`]; natively the [`StageEngine`](mdi_core::StageEngine)
 //! methods block on them with pollster.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use mdi_core::engine::{StageEngine, StageOutput, Want};
-use mdi_core::oracle::StageInput;
+#[cfg(not(target_arch = "wasm32"))]
+use mdi_core::engine::StageEngine;
+use mdi_core::engine::{StageInput, StageOutput, Want};
 use mdi_core::weights::{RawTensor, StageSpec, StageWeights};
 use mdi_core::Config;
 use mdi_shaders::MAX_HEAD_DIM;
@@ -25,8 +26,9 @@ use crate::buffers;
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    AttentionShape, Dispatch, Kernels, KvCache as KvRef, Product, RopeTable, Split, P0_PARAM_OFFSET,
+    AttentionShape, Kernels, KvBuffers as KvRef, Product, RopeTable, Split, P0_PARAM_OFFSET,
 };
+use crate::launch::{step, steps, KernelRole, Step};
 use crate::weights::GpuWeight;
 
 /// Prefill plans kept per engine (and KV plans per cache), besides the decode plan.
@@ -35,85 +37,6 @@ const KEPT_PLANS: usize = 4;
 /// Usage of the buffers results are copied into for reading back.
 const READBACK: wgpu::BufferUsages =
     wgpu::BufferUsages::MAP_READ.union(wgpu::BufferUsages::COPY_DST);
-
-/// What a kernel launch is for, so the benchmark can attribute time to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
-    Embed,
-    AttnNorm,
-    Qkv,
-    Bias,
-    Rope,
-    KvWrite,
-    Attention,
-    AttnOut,
-    FfnNorm,
-    GateUp,
-    Swiglu,
-    Down,
-    HeadNorm,
-    Head,
-    Argmax,
-}
-
-impl Role {
-    /// Short name for tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Embed => "embed",
-            Role::AttnNorm => "attn rmsnorm",
-            Role::Qkv => "q/k/v matvec",
-            Role::Bias => "q/k/v bias",
-            Role::Rope => "rope",
-            Role::KvWrite => "kv write",
-            Role::Attention => "attention",
-            Role::AttnOut => "attn out matvec",
-            Role::FfnNorm => "ffn rmsnorm",
-            Role::GateUp => "gate/up matvec",
-            Role::Swiglu => "swiglu",
-            Role::Down => "down matvec",
-            Role::HeadNorm => "final rmsnorm",
-            Role::Head => "LM head matvec",
-            Role::Argmax => "argmax",
-        }
-    }
-}
-
-/// One recorded launch plus what it moves and computes (for achieved GB/s and GFLOP/s).
-#[derive(Debug)]
-// Only the native benchmark reads the cost fields.
-#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
-pub(crate) struct Step {
-    pub d: Dispatch,
-    pub role: Role,
-    /// Bytes read and written (whole operation on the first dispatch of a split weight).
-    pub bytes: u64,
-    pub flops: u64,
-}
-
-fn steps(ds: Vec<Dispatch>, role: Role, bytes: u64, flops: u64) -> Vec<Step> {
-    ds.into_iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let first = i == 0;
-            Step {
-                d,
-                role,
-                bytes: if first { bytes } else { 0 },
-                flops: if first { flops } else { 0 },
-            }
-        })
-        .collect()
-}
-
-fn step(d: Dispatch, role: Role, bytes: u64, flops: u64) -> Step {
-    Step {
-        d,
-        role,
-        bytes,
-        flops,
-    }
-}
 
 /// One transformer block's weights on the GPU.
 struct GpuLayer {
@@ -188,7 +111,7 @@ struct Scratch {
 }
 
 /// The engine-side dispatches of one chunk size: everything but the cache-bound kernels.
-pub(crate) struct Plan {
+pub(crate) struct DispatchPlan {
     pub n: u32,
     pub embed: Vec<Step>,
     /// Per layer: norm, Q/K/V, RoPE (before the KV write) and the rest of the block (after
@@ -258,16 +181,21 @@ pub struct GpuEngine {
     rope: RopeTable,
     scratch: Scratch,
     /// The one-token plan, kept for the engine's life.
-    pub(crate) decode: Option<Plan>,
+    pub(crate) decode: Option<DispatchPlan>,
     /// Prefill plans, most recently used first.
-    prefill: Vec<Plan>,
+    prefill: Vec<DispatchPlan>,
     /// Final norm, LM head, and argmax (last).
     pub(crate) head_steps: Vec<Step>,
 }
 
 fn mdi_err(e: Error) -> mdi_core::Error {
-    // The core error type has no GPU variant: say where it came from.
-    mdi_core::Error::Input(format!("GPU engine: {e}"))
+    match e {
+        // Wrong shapes or sizes are the caller's; everything else is the device's.
+        Error::Args { .. } | Error::Tensor { .. } => {
+            mdi_core::Error::Input(format!("GPU engine: {e}"))
+        }
+        _ => mdi_core::Error::Engine(format!("GPU: {e}")),
+    }
 }
 
 fn u32_of(what: &str, v: usize) -> Result<u32> {
@@ -524,7 +452,7 @@ impl GpuEngine {
     }
 
     /// The engine-side dispatches for chunks of `n` tokens.
-    fn build_plan(&self, n: u32) -> Result<Plan> {
+    fn build_plan(&self, n: u32) -> Result<DispatchPlan> {
         let (ctx, k, s, c) = (&*self.ctx, &self.kernels, &self.scratch, &self.config);
         let (hidden, q_dim, kv_dim, ffn) = (
             c.hidden as u32,
@@ -539,7 +467,7 @@ impl GpuEngine {
                    x: &wgpu::Buffer,
                    y: &wgpu::Buffer,
                    accumulate: bool,
-                   role: Role|
+                   role: KernelRole|
          -> Result<Vec<Step>> {
             let a = Product {
                 x,
@@ -573,12 +501,12 @@ impl GpuEngine {
             let flops = 2 * nt * (w.rows * w.cols) as u64;
             Ok(steps(
                 k.linear_split(ctx, w, &a, splits)?,
-                Role::GateUp,
+                KernelRole::GateUp,
                 bytes,
                 flops,
             ))
         };
-        let norm = |w: &wgpu::Buffer, role: Role| -> Result<Step> {
+        let norm = |w: &wgpu::Buffer, role: KernelRole| -> Result<Step> {
             let d = k.rms_norm(ctx, &s.x, w, &s.xn, n, hidden, c.norm_eps)?;
             Ok(step(
                 d,
@@ -590,13 +518,13 @@ impl GpuEngine {
         let embed = match (&self.embed, self.spec.embed) {
             (Some(table), true) => {
                 let ds = k.embed(ctx, table, &s.ids, n, &s.x, 0)?;
-                steps(ds, Role::Embed, nt * 8 * hidden as u64, 0)
+                steps(ds, KernelRole::Embed, nt * 8 * hidden as u64, 0)
             }
             _ => Vec::new(),
         };
         let mut layers = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
-            let mut pre = vec![norm(&l.attn_norm, Role::AttnNorm)?];
+            let mut pre = vec![norm(&l.attn_norm, KernelRole::AttnNorm)?];
             let dst: [&wgpu::Buffer; 3] = match &s.raw_qkv {
                 Some([a, b, d]) if l.bias.is_some() => [a, b, d],
                 _ => [&s.q, &s.k, &s.v],
@@ -628,12 +556,12 @@ impl GpuEngine {
                     let bytes = wbytes(w) + nt * 4 * (w.cols + w.rows) as u64;
                     let flops = 2 * nt * (w.rows * w.cols) as u64;
                     let ds = k.linear_split(ctx, w, &a, &splits)?;
-                    pre.extend(steps(ds, Role::Qkv, bytes, flops));
+                    pre.extend(steps(ds, KernelRole::Qkv, bytes, flops));
                 }
                 AttnIn::Separate([wq, wk, wv]) => {
-                    pre.extend(lin(wq, &s.xn, dst[0], false, Role::Qkv)?);
-                    pre.extend(lin(wk, &s.xn, dst[1], false, Role::Qkv)?);
-                    pre.extend(lin(wv, &s.xn, dst[2], false, Role::Qkv)?);
+                    pre.extend(lin(wq, &s.xn, dst[0], false, KernelRole::Qkv)?);
+                    pre.extend(lin(wk, &s.xn, dst[1], false, KernelRole::Qkv)?);
+                    pre.extend(lin(wv, &s.xn, dst[2], false, KernelRole::Qkv)?);
                 }
             }
             if let Some(bias) = &l.bias {
@@ -643,13 +571,15 @@ impl GpuEngine {
                         .zip([(&s.q, q_dim), (&s.k, kv_dim), (&s.v, kv_dim)])
                 {
                     let d = k.add(ctx, raw, b, out, n * dim)?;
-                    pre.push(step(d, Role::Bias, nt * 12 * dim as u64, nt * dim as u64));
+                    pre.push(step(
+                        d,
+                        KernelRole::Bias,
+                        nt * 12 * dim as u64,
+                        nt * dim as u64,
+                    ));
                 }
             }
-            let layout = match c.rope_layout {
-                mdi_core::RopeLayout::AdjacentPairs => crate::RopeLayout::Adjacent,
-                mdi_core::RopeLayout::RotateHalf => crate::RopeLayout::Half,
-            };
+            let layout = c.rope_layout;
             let [(qb, q_at), (kb, k_at), _] = self.qkv_at(n);
             // One token's q and k are adjacent in the stacked layout: one rotation for both.
             let ropes = if n == 1 && s.qkv.is_some() {
@@ -673,13 +603,13 @@ impl GpuEngine {
                 )?;
                 pre.push(step(
                     d,
-                    Role::Rope,
+                    KernelRole::Rope,
                     nt * 16 * dim as u64,
                     nt * 3 * dim as u64,
                 ));
             }
-            let mut post = lin(&l.wo, &s.att, &s.x, true, Role::AttnOut)?;
-            post.push(norm(&l.ffn_norm, Role::FfnNorm)?);
+            let mut post = lin(&l.wo, &s.att, &s.x, true, KernelRole::AttnOut)?;
+            post.push(norm(&l.ffn_norm, KernelRole::FfnNorm)?);
             // Gate in gate_up[0..], up in gate_up[up_at..] (both (n, ffn)).
             let up_at = self.max_batch as u32 * ffn;
             match &l.ffn_in {
@@ -704,14 +634,14 @@ impl GpuEngine {
             let d = k.swiglu_at(ctx, &s.gate_up, &s.gate_up, up_at, &s.act, n * ffn)?;
             post.push(step(
                 d,
-                Role::Swiglu,
+                KernelRole::Swiglu,
                 nt * 12 * ffn as u64,
                 nt * 6 * ffn as u64,
             ));
-            post.extend(lin(&l.down, &s.act, &s.x, true, Role::Down)?);
+            post.extend(lin(&l.down, &s.act, &s.x, true, KernelRole::Down)?);
             layers.push((pre, post));
         }
-        Ok(Plan { n, embed, layers })
+        Ok(DispatchPlan { n, embed, layers })
     }
 
     /// A cache's KV-write and attention dispatches for chunks of `n` tokens (built at p0 = 0;
@@ -737,8 +667,8 @@ impl GpuEngine {
                 vec![k.attention(ctx, &shape, &r, q, &s.att, n, 0)?]
             };
             // Attention's cost depends on the position; the benchmark fills it in.
-            let mut layer = vec![step(w, Role::KvWrite, kv * 16, 0)];
-            layer.extend(a.into_iter().map(|d| step(d, Role::Attention, 0, 0)));
+            let mut layer = vec![step(w, KernelRole::KvWrite, kv * 16, 0)];
+            layer.extend(a.into_iter().map(|d| step(d, KernelRole::Attention, 0, 0)));
             layers.push(layer);
         }
         Ok(KvPlan { n, layers })
@@ -754,7 +684,7 @@ impl GpuEngine {
         let vocab = c.vocab as u32;
         let mut out = vec![step(
             k.rms_norm(ctx, &s.last, norm, &s.normed, 1, hidden, c.norm_eps)?,
-            Role::HeadNorm,
+            KernelRole::HeadNorm,
             16 * hidden as u64,
             4 * hidden as u64,
         )];
@@ -770,13 +700,13 @@ impl GpuEngine {
         let wbytes: u64 = head.parts.iter().map(|p| p.buffer.size()).sum();
         out.extend(steps(
             k.linear(ctx, head, &a)?,
-            Role::Head,
+            KernelRole::Head,
             wbytes + 4 * (c.hidden + c.vocab) as u64,
             2 * (c.vocab * c.hidden) as u64,
         ));
         out.push(step(
             k.argmax(ctx, &s.logits, 0, vocab, &s.best)?,
-            Role::Argmax,
+            KernelRole::Argmax,
             4 * vocab as u64,
             vocab as u64,
         ));
@@ -818,7 +748,7 @@ impl GpuEngine {
         Ok(())
     }
 
-    pub(crate) fn plan(&self, n: u32) -> Option<&Plan> {
+    pub(crate) fn plan(&self, n: u32) -> Option<&DispatchPlan> {
         if n == 1 {
             self.decode.as_ref()
         } else {
@@ -828,7 +758,7 @@ impl GpuEngine {
 
     /// Records the layers of one chunk (after its inputs were written): the position copies,
     /// then one compute pass.
-    fn record_layers(&self, encoder: &mut wgpu::CommandEncoder, plan: &Plan, kv: &KvPlan) {
+    fn record_layers(&self, encoder: &mut wgpu::CommandEncoder, plan: &DispatchPlan, kv: &KvPlan) {
         for pair in &kv.layers {
             for s in pair {
                 encoder.copy_buffer_to_buffer(
@@ -901,7 +831,7 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// [`StageEngine::forward`], without blocking: the tokens (or hidden rows) at positions
+    /// `StageEngine::forward`, without blocking: the tokens (or hidden rows) at positions
     /// `cache.len()..` of the sequence.
     pub async fn forward_async(
         &mut self,
@@ -1014,7 +944,7 @@ impl GpuEngine {
         self.read_head(want).await.map_err(mdi_err)
     }
 
-    /// [`StageEngine::head`], without blocking: final norm + LM head on one hidden row.
+    /// `StageEngine::head`, without blocking: final norm + LM head on one hidden row.
     pub async fn head_async(
         &mut self,
         hidden: &[f32],
@@ -1055,6 +985,13 @@ impl GpuEngine {
     }
 
     /// An empty cache for `max_positions` positions: per layer one K and one V buffer.
+    /// Bytes of GPU memory a cache of `max_positions` positions takes: f32 keys and values,
+    /// (n_kv_heads, max_positions, head_dim) per layer.
+    pub fn kv_cache_bytes(&self, max_positions: usize) -> usize {
+        let c = &self.config;
+        2 * 4 * self.layers.len() * c.n_kv_heads * max_positions * c.head_dim
+    }
+
     pub fn new_gpu_cache(&mut self, max_positions: usize) -> Result<GpuCache> {
         let c = &self.config;
         if max_positions == 0 {
@@ -1248,14 +1185,10 @@ pub(crate) async fn map_read(
     Ok(out)
 }
 
-#[cfg(target_arch = "wasm32")]
-fn blocking_unavailable() -> mdi_core::Error {
-    mdi_core::Error::Input(
-        "the GPU engine cannot block in the browser: call GpuEngine::forward_async / head_async"
-            .into(),
-    )
-}
-
+/// The blocking contract, natively only: it waits on the readback with pollster. In the browser
+/// nothing may block, so there the runtime awaits [`GpuEngine::forward_async`] and
+/// [`GpuEngine::head_async`] directly.
+#[cfg(not(target_arch = "wasm32"))]
 impl StageEngine for GpuEngine {
     type Cache = GpuCache;
 
@@ -1272,8 +1205,7 @@ impl StageEngine for GpuEngine {
     }
 
     fn cache_bytes(&self, max_positions: usize) -> usize {
-        let c = &self.config;
-        2 * 4 * self.layers.len() * c.n_kv_heads * max_positions * c.head_dim
+        self.kv_cache_bytes(max_positions)
     }
 
     fn forward(
@@ -1282,22 +1214,10 @@ impl StageEngine for GpuEngine {
         input: StageInput<'_>,
         want: Want,
     ) -> mdi_core::Result<StageOutput> {
-        #[cfg(not(target_arch = "wasm32"))]
-        return pollster::block_on(self.forward_async(cache, input, want));
-        #[cfg(target_arch = "wasm32")]
-        {
-            let _ = (cache, input, want);
-            Err(blocking_unavailable())
-        }
+        pollster::block_on(self.forward_async(cache, input, want))
     }
 
     fn head(&mut self, hidden: &[f32], want: Want) -> mdi_core::Result<StageOutput> {
-        #[cfg(not(target_arch = "wasm32"))]
-        return pollster::block_on(self.head_async(hidden, want));
-        #[cfg(target_arch = "wasm32")]
-        {
-            let _ = (hidden, want);
-            Err(blocking_unavailable())
-        }
+        pollster::block_on(self.head_async(hidden, want))
     }
 }

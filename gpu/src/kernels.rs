@@ -172,7 +172,7 @@ pub struct AttentionShape {
 /// One layer's KV cache of one sequence: two buffers of (n_kv_heads, max_positions, head_dim)
 /// f32 starting at element `offset`.
 #[derive(Debug, Clone, Copy)]
-pub struct KvCache<'a> {
+pub struct KvBuffers<'a> {
     pub k: &'a wgpu::Buffer,
     pub v: &'a wgpu::Buffer,
     pub offset: u32,
@@ -939,7 +939,7 @@ impl Kernels {
 
     /// Whether the barrier-free attention (one invocation per token and KV head) serves this
     /// shape under the current tuning; otherwise the workgroup kernel does.
-    fn barrier_free_attention(&self, shape: &AttentionShape, cache: &KvCache) -> bool {
+    fn barrier_free_attention(&self, shape: &AttentionShape, cache: &KvBuffers) -> bool {
         let group = shape.n_heads / shape.n_kv_heads.max(1);
         self.tuning.strategy == Strategy::RowPerThread
             && shape.head_dim % 4 == 0
@@ -951,7 +951,7 @@ impl Kernels {
     /// Checks an attention call's shapes and buffers and builds its parameters.
     fn attention_params(
         shape: &AttentionShape,
-        cache: &KvCache,
+        cache: &KvBuffers,
         q: &wgpu::Buffer,
         out: &wgpu::Buffer,
         n_tokens: u32,
@@ -977,7 +977,7 @@ impl Kernels {
     fn check_attention(
         kernel: &'static str,
         s: &AttentionShape,
-        cache: &KvCache,
+        cache: &KvBuffers,
         n_tokens: u32,
         p0: u32,
     ) -> Result<()> {
@@ -1018,7 +1018,7 @@ impl Kernels {
         &self,
         ctx: &GpuContext,
         shape: &AttentionShape,
-        cache: &KvCache,
+        cache: &KvBuffers,
         k_new: &wgpu::Buffer,
         v_new: &wgpu::Buffer,
         src_offset: u32,
@@ -1035,7 +1035,7 @@ impl Kernels {
         &self,
         ctx: &GpuContext,
         shape: &AttentionShape,
-        cache: &KvCache,
+        cache: &KvBuffers,
         new: [(&wgpu::Buffer, u32); 2],
         n_tokens: u32,
         p0: u32,
@@ -1068,7 +1068,7 @@ impl Kernels {
         &self,
         ctx: &GpuContext,
         shape: &AttentionShape,
-        cache: &KvCache,
+        cache: &KvBuffers,
         q: &wgpu::Buffer,
         out: &wgpu::Buffer,
         n_tokens: u32,
@@ -1109,7 +1109,7 @@ impl Kernels {
         &self,
         ctx: &GpuContext,
         shape: &AttentionShape,
-        cache: &KvCache,
+        cache: &KvBuffers,
         q: &wgpu::Buffer,
         out: &wgpu::Buffer,
         n_tokens: u32,

@@ -11,6 +11,7 @@ pub mod context;
 pub mod engine;
 pub mod error;
 pub mod kernels;
+pub mod launch;
 pub mod layout;
 pub mod weights;
 
@@ -18,7 +19,7 @@ pub use context::GpuContext;
 pub use engine::{GpuCache, GpuEngine};
 pub use error::{Error, Result};
 pub use kernels::{
-    encode, rope_table, submit, AttentionShape, Dispatch, Kernels, KvCache, Product, RopeTable,
+    encode, rope_table, submit, AttentionShape, Dispatch, Kernels, KvBuffers, Product, RopeTable,
     Split, Tuning, P0_PARAM_OFFSET,
 };
 pub use mdi_shaders::{RopeLayout, Strategy, Variant, WeightFormat};

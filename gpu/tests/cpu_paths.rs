@@ -11,7 +11,7 @@
 use mdi_core::quant::{dequantize, quantize, DType};
 use mdi_gpu::buffers::{read_f32, storage, upload};
 use mdi_gpu::{
-    submit, AttentionShape, GpuContext, GpuWeight, Kernels, KvCache, Product, Split, Strategy,
+    submit, AttentionShape, GpuContext, GpuWeight, Kernels, KvBuffers, Product, Split, Strategy,
     Tuning,
 };
 
@@ -152,7 +152,7 @@ fn split_attention_matches_single_pass() {
     let layer = 2 * 80 * 64;
     let kc = upload(&ctx, "k", &values(11, 2 * layer));
     let vc = upload(&ctx, "v", &values(13, 2 * layer));
-    let cache = KvCache {
+    let cache = KvBuffers {
         k: &kc,
         v: &vc,
         offset: layer as u32,

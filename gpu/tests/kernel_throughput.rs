@@ -10,7 +10,7 @@ use std::time::Instant;
 use mdi_core::quant::{quantize, DType};
 use mdi_gpu::buffers::{storage, upload};
 use mdi_gpu::{
-    submit, AttentionShape, Dispatch, GpuContext, GpuWeight, Kernels, KvCache, Product, Strategy,
+    submit, AttentionShape, Dispatch, GpuContext, GpuWeight, Kernels, KvBuffers, Product, Strategy,
     Tuning,
 };
 
@@ -136,7 +136,7 @@ fn kernel_throughput() {
             attention_wg: wg,
             ..Tuning::CPU
         });
-        let cache = KvCache {
+        let cache = KvBuffers {
             k: &kc,
             v: &vc,
             offset: 0,

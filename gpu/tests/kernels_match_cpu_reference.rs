@@ -16,8 +16,8 @@ use mdi_core::quant::{dequantize, quantize, DType};
 use mdi_gpu::buffers::{read_f32, read_u32, upload};
 use mdi_gpu::layout::packed_shape;
 use mdi_gpu::{
-    submit, AttentionShape, Dispatch, GpuContext, GpuWeight, Kernels, KvCache, Product, RopeLayout,
-    RopeTable, Strategy, Tuning,
+    submit, AttentionShape, Dispatch, GpuContext, GpuWeight, Kernels, KvBuffers, Product,
+    RopeLayout, RopeTable, Strategy, Tuning,
 };
 
 #[cfg(target_arch = "wasm32")]
@@ -191,8 +191,8 @@ fn cpu_rope(
             for i in 0..hd / 2 {
                 let theta = pos as f64 * base.powf(-2.0 * i as f64 / hd as f64);
                 let (a, c) = match layout {
-                    RopeLayout::Adjacent => (b + 2 * i, b + 2 * i + 1),
-                    RopeLayout::Half => (b + i, b + i + hd / 2),
+                    RopeLayout::AdjacentPairs => (b + 2 * i, b + 2 * i + 1),
+                    RopeLayout::RotateHalf => (b + i, b + i + hd / 2),
                 };
                 let (x0, x1) = (x[a] as f64, x[c] as f64);
                 x[a] = (x0 * theta.cos() - x1 * theta.sin()) as f32;
@@ -448,7 +448,7 @@ async fn rope_rotates_both_layouts(ctx: &GpuContext) -> Result<()> {
     let kernels = Kernels::new(ctx);
     let (tokens, n_heads, hd, base) = (5usize, 6usize, 64usize, 100_000f64);
     let table = RopeTable::new(ctx, hd as u32, base, 64)?;
-    for layout in [RopeLayout::Adjacent, RopeLayout::Half] {
+    for layout in [RopeLayout::AdjacentPairs, RopeLayout::RotateHalf] {
         let positions: Vec<u32> = vec![0, 1, 17, 40, 63];
         let x = rng.vec(2 + tokens * n_heads * hd);
         let xb = upload(ctx, "x", &x);
@@ -495,7 +495,7 @@ async fn attention_is_causal_gqa(ctx: &GpuContext) -> Result<()> {
         // position past a token's causal window poisons its output.
         let kc = poisoned(ctx, 2 * layer);
         let vc = poisoned(ctx, 2 * layer);
-        let cache = KvCache {
+        let cache = KvBuffers {
             k: &kc,
             v: &vc,
             offset: layer as u32,
@@ -625,7 +625,7 @@ async fn bad_arguments_are_errors(ctx: &GpuContext) -> Result<()> {
         head_dim: 64,
         max_positions: 4,
     };
-    let cache = KvCache {
+    let cache = KvBuffers {
         k: &big,
         v: &big,
         offset: 0,

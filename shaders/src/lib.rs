@@ -192,14 +192,8 @@ impl Strategy {
     }
 }
 
-/// Which elements RoPE rotates together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RopeLayout {
-    /// Pairs (2i, 2i+1), as in llama-architecture GGUF files.
-    Adjacent,
-    /// Pairs (i, i + head_dim/2), "rotate half", as in Hugging Face checkpoints.
-    Half,
-}
+/// Which elements RoPE rotates together: the model's own setting, one kernel variant each.
+pub use mdi_core::RopeLayout;
 
 /// Largest head dimension the attention kernel supports (its accumulators are sized for it).
 pub const MAX_HEAD_DIM: u32 = 256;
@@ -431,8 +425,8 @@ impl Variant {
             }
             Variant::Rope { layout, wg } => {
                 let l = match layout {
-                    RopeLayout::Adjacent => "adjacent",
-                    RopeLayout::Half => "half",
+                    RopeLayout::AdjacentPairs => "adjacent",
+                    RopeLayout::RotateHalf => "half",
                 };
                 format!("{k}_{l}_wg{wg}")
             }
@@ -476,7 +470,7 @@ impl Variant {
         for strategy in [Strategy::RowPerThread, Strategy::RowPerWorkgroup] {
             out.push(Variant::RmsNorm { strategy, wg: 64 });
         }
-        for layout in [RopeLayout::Adjacent, RopeLayout::Half] {
+        for layout in [RopeLayout::AdjacentPairs, RopeLayout::RotateHalf] {
             out.push(Variant::Rope { layout, wg: 64 });
         }
         for (head_dim, group) in [(64, 3), (128, 4), (32, 1), (256, 2), (64, 8)] {
@@ -544,9 +538,10 @@ pub fn render(variant: &Variant) -> String {
             subs.push(("{{WEIGHTS}}", weights.decoder()));
             subs.push(("{{X_DECL}}", x_decl(x_window)));
         }
-        Variant::Rope { layout, .. } => {
-            subs.push(("{{ROPE_HALF}}", (layout == RopeLayout::Half).to_string()))
-        }
+        Variant::Rope { layout, .. } => subs.push((
+            "{{ROPE_HALF}}",
+            (layout == RopeLayout::RotateHalf).to_string(),
+        )),
         Variant::Attention { wg } => {
             subs.push(("{{ACC}}", MAX_HEAD_DIM.div_ceil(wg.max(1)).to_string()))
         }

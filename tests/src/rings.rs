@@ -40,37 +40,38 @@ pub fn build_ring_with_kv_cap(
     kv_cap_bytes: usize,
 ) -> LocalRing<Oracle> {
     let specs = stage_specs(&even_ranges(config.n_layers, n));
-    let starter = Starter::new(
-        StarterConfig {
-            n_nodes: n,
-            hidden: config.hidden,
-            wire,
-            max_message,
-            context: config.context,
-            in_flight,
-        },
-        oracle(store, config, &specs[0]),
-    );
+    let starter_engine = oracle(store, config, &specs[0]);
+    let starter = Starter::new(StarterConfig {
+        n_nodes: n,
+        hidden: config.hidden,
+        wire,
+        max_message,
+        context: config.context,
+        in_flight,
+        kv_bytes_per_position: starter_engine.cache_bytes(1),
+        kv_cap_bytes: usize::MAX,
+    });
     let nodes = specs[1..]
         .iter()
         .enumerate()
         .map(|(i, spec)| {
-            Node::new(
-                NodeConfig {
-                    index: i as u32 + 1,
-                    is_last: i + 2 == n,
-                    hidden: config.hidden,
-                    wire,
-                    max_message,
-                    default_positions: config.context,
-                    max_tokens: config.context,
-                    kv_cap_bytes,
-                },
-                oracle(store, config, spec),
-            )
+            let engine = oracle(store, config, spec);
+            let node = Node::new(NodeConfig {
+                index: i as u32 + 1,
+                is_last: i + 2 == n,
+                hidden: config.hidden,
+                wire,
+                max_message,
+                max_positions: config.context,
+                max_tokens: config.context,
+                max_sequences: 64,
+                kv_bytes_per_position: engine.cache_bytes(1),
+                kv_cap_bytes,
+            });
+            (node, engine)
         })
         .collect();
-    LocalRing::new(starter, nodes)
+    LocalRing::new(starter, starter_engine, nodes)
 }
 
 pub fn single_node(store: &dyn TensorStore, config: &Config, req: &SeqRequest) -> Vec<u32> {

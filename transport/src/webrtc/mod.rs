@@ -21,9 +21,11 @@
 //! time another quarter of [`WebRtcConfig::receive_window`] has been consumed. A sender keeps
 //! at most `receive_window` bytes beyond the last credit.
 //!
-//! Local-only on purpose: sockets bind to 127.0.0.1, mDNS is off (it would also fail in a
+//! By default local-only: sockets bind to 127.0.0.1, mDNS is off (it would also fail in a
 //! network namespace with only `lo`), no STUN/TURN server is configured, and every
-//! non-loopback candidate is stripped from both descriptions before use.
+//! non-loopback candidate is stripped from both descriptions before use. On a LAN a node binds
+//! its LAN address instead, keeps every candidate and resolves the mDNS names browsers send
+//! (`loopback_only: false, resolve_mdns: true`).
 
 mod channel;
 mod sdp;
@@ -72,6 +74,9 @@ pub struct WebRtcConfig {
     pub receive_window: usize,
     /// Limit for each setup stage: gathering candidates, connecting and opening the channel.
     pub connect_timeout: Duration,
+    /// Accept the peer's mDNS (`<uuid>.local`) candidates and resolve them, as a browser on a
+    /// LAN sends. Off on loopback, where it would also fail in a namespace with only `lo`.
+    pub resolve_mdns: bool,
 }
 
 impl Default for WebRtcConfig {
@@ -84,6 +89,7 @@ impl Default for WebRtcConfig {
             send_buffer_limit: 64 * 1024,
             receive_window: 2 * 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
+            resolve_mdns: false,
         }
     }
 }
@@ -180,7 +186,11 @@ impl WebRtcPeer {
             incoming: incoming_tx,
         };
         let settings = SettingEngineBuilder::new()
-            .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+            .with_multicast_dns_mode(if config.resolve_mdns {
+                MulticastDnsMode::QueryOnly
+            } else {
+                MulticastDnsMode::Disabled
+            })
             .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(
                 // Checked above to be at most 256 KiB.
                 config.max_message_size as u32,

@@ -1,0 +1,439 @@
+//! Executors: how the runtime gets a [`Job`] of the sans-IO starter or node computed and
+//! awaits its [`Done`] without blocking the loop that moves messages.
+//!
+//! - [`ThreadedExec`] (native): any blocking [`StageEngine`] on its own compute thread; the
+//!   async side awaits a oneshot. While a step computes, the node keeps reading its links.
+//! - [`InlineExec`]: a blocking engine run in place (the CPU engine in a browser without
+//!   threads, and tests).
+//! - [`GpuAsyncExec`]: the GPU engine whose readback is awaited, never blocked on: the one
+//!   a browser tab uses.
+//!
+//! All of them hand out the same cache type, [`CacheHandle`]: the engine keeps each sequence's
+//! real cache (GPU buffers, or vectors on the compute thread) and the state machines hold a
+//! handle whose drop frees it. So the runtime is one non-generic piece of code whatever the
+//! engine, and the engine can be chosen at run time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::future::LocalBoxFuture;
+use mdi_core::engine::{CacheSlot, Done, Job, Task};
+use mdi_core::{Error, StageEngine};
+use mdi_transport::{MaybeSend, MaybeSync};
+
+/// Frees a cache when its handle is dropped.
+pub trait CacheOwner: MaybeSend + MaybeSync {
+    fn free(&self, id: u64);
+}
+
+/// A sequence's KV cache, held by the engine; dropping the handle frees it.
+pub struct CacheHandle {
+    id: u64,
+    owner: Arc<dyn CacheOwner>,
+}
+
+impl CacheHandle {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl std::fmt::Debug for CacheHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CacheHandle({})", self.id)
+    }
+}
+
+impl Drop for CacheHandle {
+    fn drop(&mut self) {
+        self.owner.free(self.id);
+    }
+}
+
+/// A job as the runtime passes it around.
+pub type RuntimeJob = Job<CacheHandle>;
+/// A finished job as the runtime passes it around.
+pub type RuntimeDone = Done<CacheHandle>;
+
+/// An engine the runtime can hand jobs to and await.
+pub trait Exec {
+    /// Start `job`; the future resolves when it is done. Jobs run in submission order.
+    fn submit(&self, job: RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone>;
+    /// KV bytes one position of one sequence takes on this stage.
+    fn kv_bytes_per_position(&self) -> usize;
+    /// Bytes of weights the engine holds, as it allocated them.
+    fn weight_bytes(&self) -> u64;
+    /// A short name of the engine and device, for profiles and logs.
+    fn describe(&self) -> String;
+}
+
+/// A boxed executor.
+pub type BoxExec = Box<dyn Exec>;
+
+fn failed(seq: u64, message: String) -> RuntimeDone {
+    Done {
+        seq,
+        cache: None,
+        output: Err(Error::Engine(message)),
+    }
+}
+
+/// Caches kept by the engine side, by handle id.
+struct Caches<C> {
+    map: HashMap<u64, C>,
+    next: u64,
+}
+
+impl<C> Caches<C> {
+    fn new() -> Self {
+        Self {
+            map: HashMap::new(),
+            next: 1,
+        }
+    }
+
+    /// Runs `job` on a blocking engine whose caches live in `self`.
+    fn run<E: StageEngine<Cache = C> + ?Sized>(
+        &mut self,
+        engine: &mut E,
+        job: RuntimeJob,
+        owner: &Arc<dyn CacheOwner>,
+    ) -> RuntimeDone {
+        let seq = job.seq;
+        match job.task {
+            Task::Head { hidden, want } => Done {
+                seq,
+                cache: None,
+                output: engine.head(&hidden, want),
+            },
+            Task::Forward { cache, input, want } => {
+                let handle = match cache {
+                    CacheSlot::Lent(h) => h,
+                    CacheSlot::New { positions } => match engine.new_cache(positions) {
+                        Ok(c) => {
+                            let id = self.next;
+                            self.next += 1;
+                            self.map.insert(id, c);
+                            CacheHandle {
+                                id,
+                                owner: owner.clone(),
+                            }
+                        }
+                        Err(e) => {
+                            return Done {
+                                seq,
+                                cache: None,
+                                output: Err(e),
+                            }
+                        }
+                    },
+                };
+                let Some(c) = self.map.get_mut(&handle.id) else {
+                    return failed(
+                        seq,
+                        format!("cache {} is not held by this engine", handle.id),
+                    );
+                };
+                let output = engine.forward(c, input.as_stage_input(), want);
+                Done {
+                    seq,
+                    cache: Some(handle),
+                    output,
+                }
+            }
+        }
+    }
+}
+
+/// Frees are queued and applied before the next job (the engine may be busy when a handle
+/// drops).
+#[derive(Default)]
+struct FreeList(Mutex<Vec<u64>>);
+
+impl CacheOwner for FreeList {
+    fn free(&self, id: u64) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+    }
+}
+
+impl FreeList {
+    fn drain(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// A blocking engine run in place, on the thread of the loop that submits to it.
+pub struct InlineExec<E: StageEngine> {
+    state: std::rc::Rc<std::cell::RefCell<(E, Caches<E::Cache>)>>,
+    freed: Arc<FreeList>,
+    kv_per_position: usize,
+    weight_bytes: u64,
+    name: String,
+}
+
+impl<E: StageEngine + 'static> InlineExec<E> {
+    pub fn new(engine: E, weight_bytes: u64, name: impl Into<String>) -> Self {
+        Self {
+            kv_per_position: engine.cache_bytes(1),
+            state: std::rc::Rc::new(std::cell::RefCell::new((engine, Caches::new()))),
+            freed: Arc::new(FreeList::default()),
+            weight_bytes,
+            name: name.into(),
+        }
+    }
+}
+
+impl<E: StageEngine + 'static> Exec for InlineExec<E> {
+    fn submit(&self, job: RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone> {
+        let state = self.state.clone();
+        let freed = self.freed.clone();
+        Box::pin(async move {
+            let seq = job.seq;
+            let owner: Arc<dyn CacheOwner> = freed.clone();
+            let Ok(mut s) = state.try_borrow_mut() else {
+                return failed(seq, "the engine is busy with another job".into());
+            };
+            let (engine, caches) = &mut *s;
+            for id in freed.drain() {
+                caches.map.remove(&id);
+            }
+            caches.run(engine, job, &owner)
+        })
+    }
+
+    fn kv_bytes_per_position(&self) -> usize {
+        self.kv_per_position
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// The GPU engine with its readback awaited: the executor of browser tabs (it works natively
+/// too, where the readback future completes after a device poll).
+pub struct GpuAsyncExec {
+    engine: std::rc::Rc<std::cell::RefCell<Option<mdi_gpu::GpuEngine>>>,
+    caches: std::rc::Rc<std::cell::RefCell<Caches<mdi_gpu::GpuCache>>>,
+    freed: Arc<FreeList>,
+    kv_per_position: usize,
+    weight_bytes: u64,
+    name: String,
+}
+
+impl GpuAsyncExec {
+    pub fn new(engine: mdi_gpu::GpuEngine) -> Self {
+        let name = format!("gpu ({})", engine.context().info.name);
+        Self {
+            kv_per_position: engine.kv_cache_bytes(1),
+            weight_bytes: engine.weight_bytes(),
+            engine: std::rc::Rc::new(std::cell::RefCell::new(Some(engine))),
+            caches: std::rc::Rc::new(std::cell::RefCell::new(Caches::new())),
+            freed: Arc::new(FreeList::default()),
+            name,
+        }
+    }
+}
+
+impl Exec for GpuAsyncExec {
+    fn submit(&self, job: RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone> {
+        let engine_slot = self.engine.clone();
+        let caches = self.caches.clone();
+        let freed = self.freed.clone();
+        Box::pin(async move {
+            let seq = job.seq;
+            // Taken out for the job so no RefCell borrow is held across the await.
+            let Some(mut engine) = engine_slot.borrow_mut().take() else {
+                return failed(seq, "the GPU engine is busy with another job".into());
+            };
+            {
+                let mut c = caches.borrow_mut();
+                for id in freed.drain() {
+                    c.map.remove(&id);
+                }
+            }
+            let owner: Arc<dyn CacheOwner> = freed.clone();
+            let done = match job.task {
+                Task::Head { hidden, want } => Done {
+                    seq,
+                    cache: None,
+                    output: engine.head_async(&hidden, want).await,
+                },
+                Task::Forward { cache, input, want } => {
+                    let (handle, mut cache) = match cache {
+                        CacheSlot::Lent(h) => {
+                            let taken = caches.borrow_mut().map.remove(&h.id);
+                            match taken {
+                                Some(c) => (h, c),
+                                None => {
+                                    engine_slot.borrow_mut().replace(engine);
+                                    return failed(seq, format!("cache {} is not held", h.id));
+                                }
+                            }
+                        }
+                        CacheSlot::New { positions } => match engine.new_gpu_cache(positions) {
+                            Ok(c) => {
+                                let mut cs = caches.borrow_mut();
+                                let id = cs.next;
+                                cs.next += 1;
+                                (CacheHandle { id, owner }, c)
+                            }
+                            Err(e) => {
+                                engine_slot.borrow_mut().replace(engine);
+                                return failed(seq, format!("GPU: {e}"));
+                            }
+                        },
+                    };
+                    let output = engine
+                        .forward_async(&mut cache, input.as_stage_input(), want)
+                        .await;
+                    caches.borrow_mut().map.insert(handle.id, cache);
+                    Done {
+                        seq,
+                        cache: Some(handle),
+                        output,
+                    }
+                }
+            };
+            engine_slot.borrow_mut().replace(engine);
+            done
+        })
+    }
+
+    fn kv_bytes_per_position(&self) -> usize {
+        self.kv_per_position
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+#[cfg(not(target_family = "wasm"))]
+pub use threaded::ThreadedExec;
+
+#[cfg(not(target_family = "wasm"))]
+mod threaded {
+    use super::*;
+    use std::sync::mpsc;
+
+    enum Msg {
+        Job(RuntimeJob, futures::channel::oneshot::Sender<RuntimeDone>),
+        Free(u64),
+        Stop,
+    }
+
+    struct ChannelOwner(Mutex<mpsc::Sender<Msg>>);
+
+    impl CacheOwner for ChannelOwner {
+        fn free(&self, id: u64) {
+            // The thread is gone only when the executor is: nothing left to free.
+            let _ = self
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(Msg::Free(id));
+        }
+    }
+
+    /// A blocking engine on its own compute thread. Dropping the executor (and every handle)
+    /// ends the thread.
+    pub struct ThreadedExec {
+        tx: Mutex<mpsc::Sender<Msg>>,
+        kv_per_position: usize,
+        weight_bytes: u64,
+        name: String,
+    }
+
+    impl ThreadedExec {
+        pub fn new<E>(engine: E, weight_bytes: u64, name: impl Into<String>) -> Self
+        where
+            E: StageEngine + Send + 'static,
+            E::Cache: Send,
+        {
+            let (tx, rx) = mpsc::channel::<Msg>();
+            let owner: Arc<dyn CacheOwner> = Arc::new(ChannelOwner(Mutex::new(tx.clone())));
+            let kv_per_position = engine.cache_bytes(1);
+            let name = name.into();
+            let thread_name = format!("compute {name}");
+            let spawned = std::thread::Builder::new()
+                .name(thread_name)
+                .spawn(move || {
+                    let mut engine = engine;
+                    let mut caches = Caches::new();
+                    // Ends when the executor is dropped (the thread's own cache owner keeps a
+                    // sender, so the channel alone would never close).
+                    while let Ok(msg) = rx.recv() {
+                        match msg {
+                            Msg::Stop => break,
+                            Msg::Free(id) => {
+                                caches.map.remove(&id);
+                            }
+                            Msg::Job(job, reply) => {
+                                let done = caches.run(&mut engine, job, &owner);
+                                let _ = reply.send(done);
+                            }
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("cannot start a compute thread: {e}");
+            }
+            Self {
+                tx: Mutex::new(tx),
+                kv_per_position,
+                weight_bytes,
+                name,
+            }
+        }
+    }
+
+    impl Drop for ThreadedExec {
+        fn drop(&mut self) {
+            let _ = self
+                .tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(Msg::Stop);
+        }
+    }
+
+    impl Exec for ThreadedExec {
+        fn submit(&self, job: RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone> {
+            let seq = job.seq;
+            let (reply, done) = futures::channel::oneshot::channel();
+            let sent = self
+                .tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(Msg::Job(job, reply));
+            Box::pin(async move {
+                if sent.is_err() {
+                    return failed(seq, "the compute thread has stopped".into());
+                }
+                done.await
+                    .unwrap_or_else(|_| failed(seq, "the compute thread has stopped".into()))
+            })
+        }
+
+        fn kv_bytes_per_position(&self) -> usize {
+            self.kv_per_position
+        }
+
+        fn weight_bytes(&self) -> u64 {
+            self.weight_bytes
+        }
+
+        fn describe(&self) -> String {
+            self.name.clone()
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The runtime's [`Platform`] on a native machine: tokio-tungstenite for the control channel,
+//! reqwest for ranged downloads, webrtc-rs (through `mdi-transport`) for links, and engines on
+//! compute threads. Needs to run inside a tokio runtime.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::LocalBoxFuture;
+use futures::{SinkExt, StreamExt};
+use mdi_core::{Config, Oracle, RawTensor, StageWeights};
+use mdi_gpu::{GpuContext, GpuEngine};
+use mdi_transport::webrtc::{WebRtcConfig, WebRtcPeer};
+use mdi_transport::{Inbox, Link};
+use tokio::sync::{mpsc, OnceCell};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::exec::{BoxExec, ThreadedExec};
+use crate::platform::{
+    Answering, Backend, ControlChannel, ControlRx, ControlTx, Offering, Platform, PlatformResult,
+};
+use crate::protocol::MAX_CONTROL_MESSAGE;
+
+/// Longest prompt chunk a GPU stage runs in one submit.
+const GPU_MAX_BATCH: usize = 128;
+
+/// A native machine, linking over loopback when the server is on loopback and over the LAN
+/// otherwise.
+pub struct NativePlatform {
+    http: reqwest::Client,
+    gpu: OnceCell<Option<Arc<GpuContext>>>,
+    /// Where WebRTC sockets bind, and whether only loopback candidates are used.
+    rtc_bind: IpAddr,
+    loopback: bool,
+}
+
+impl NativePlatform {
+    /// A platform for a node of the server at `server` (an http(s) URL).
+    pub fn new(server: &str) -> PlatformResult<Self> {
+        let url = url::Url::parse(server).map_err(|e| format!("bad server URL `{server}`: {e}"))?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("the server URL `{server}` has no host"))?;
+        let port = url.port_or_known_default().unwrap_or(80);
+        let ip = resolve(host, port)?;
+        let loopback = ip.is_loopback();
+        let rtc_bind = if loopback {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            local_ip_towards(SocketAddr::new(ip, port))?
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| format!("cannot set up HTTP: {e}"))?;
+        Ok(Self {
+            http,
+            gpu: OnceCell::new(),
+            rtc_bind,
+            loopback,
+        })
+    }
+
+    /// A platform that shares an already opened GPU (several nodes in one process).
+    pub fn with_gpu(mut self, ctx: Option<Arc<GpuContext>>) -> Self {
+        self.gpu = OnceCell::new_with(Some(ctx));
+        self
+    }
+
+    async fn gpu(&self) -> Option<Arc<GpuContext>> {
+        self.gpu
+            .get_or_init(|| async {
+                match GpuContext::new().await {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err(e) => {
+                        tracing::info!("no GPU: {e}");
+                        None
+                    }
+                }
+            })
+            .await
+            .clone()
+    }
+
+    fn rtc_config(&self, label: String) -> WebRtcConfig {
+        WebRtcConfig {
+            label,
+            bind_addr: SocketAddr::new(self.rtc_bind, 0),
+            loopback_only: self.loopback,
+            resolve_mdns: !self.loopback,
+            ..WebRtcConfig::default()
+        }
+    }
+}
+
+fn resolve(host: &str, port: u16) -> PlatformResult<IpAddr> {
+    use std::net::ToSocketAddrs;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
+        .next()
+        .map(|a| a.ip())
+        .ok_or_else(|| format!("`{host}` has no address"))
+}
+
+/// The local address the OS would use to reach `peer` (nothing is sent).
+fn local_ip_towards(peer: SocketAddr) -> PlatformResult<IpAddr> {
+    let any = match peer {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0),
+    };
+    let s = UdpSocket::bind(any).map_err(|e| format!("cannot find a local address: {e}"))?;
+    s.connect(peer)
+        .map_err(|e| format!("no route to the server at {peer}: {e}"))?;
+    s.local_addr()
+        .map(|a| a.ip())
+        .map_err(|e| format!("cannot find a local address: {e}"))
+}
+
+struct WsTx {
+    out: mpsc::UnboundedSender<WsMessage>,
+}
+
+impl ControlTx for WsTx {
+    fn send(&self, text: String) -> LocalBoxFuture<'static, PlatformResult<()>> {
+        let r = self
+            .out
+            .send(WsMessage::text(text))
+            .map_err(|_| "the connection to the server is closed".to_string());
+        Box::pin(async move { r })
+    }
+
+    fn close(&self) -> LocalBoxFuture<'static, ()> {
+        let _ = self.out.send(WsMessage::Close(None));
+        Box::pin(async {})
+    }
+}
+
+type WsRead = futures::stream::SplitStream<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+>;
+
+struct WsRx {
+    read: WsRead,
+}
+
+impl ControlRx for WsRx {
+    fn recv(&mut self) -> LocalBoxFuture<'_, Option<PlatformResult<String>>> {
+        Box::pin(async move {
+            loop {
+                match self.read.next().await? {
+                    Ok(WsMessage::Text(t)) => return Some(Ok(t.to_string())),
+                    Ok(WsMessage::Close(_)) => return None,
+                    Ok(WsMessage::Binary(_)) => {
+                        return Some(Err("the server sent a binary message".into()))
+                    }
+                    // Pings are answered by tungstenite itself.
+                    Ok(_) => continue,
+                    Err(e) => return Some(Err(format!("WebSocket: {e}"))),
+                }
+            }
+        })
+    }
+}
+
+struct NativeOffering(WebRtcPeer);
+
+impl Offering for NativeOffering {
+    fn finish(
+        self: Box<Self>,
+        answer: String,
+    ) -> LocalBoxFuture<'static, PlatformResult<(Link, Inbox)>> {
+        let mut peer = self.0;
+        Box::pin(async move {
+            peer.accept_answer(&answer)
+                .await
+                .map_err(|e| e.to_string())?;
+            peer.open_channel().await.map_err(|e| e.to_string())
+        })
+    }
+}
+
+struct NativeAnswering(WebRtcPeer);
+
+impl Answering for NativeAnswering {
+    fn finish(self: Box<Self>) -> LocalBoxFuture<'static, PlatformResult<(Link, Inbox)>> {
+        let peer = self.0;
+        Box::pin(async move { peer.accept_channel().await.map_err(|e| e.to_string()) })
+    }
+}
+
+impl Platform for NativePlatform {
+    fn connect(&self, url: &str) -> LocalBoxFuture<'static, PlatformResult<ControlChannel>> {
+        let url = url.to_string();
+        Box::pin(async move {
+            let config = WebSocketConfig::default()
+                .max_message_size(Some(MAX_CONTROL_MESSAGE))
+                .max_frame_size(Some(MAX_CONTROL_MESSAGE));
+            let (ws, _) =
+                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false)
+                    .await
+                    .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            let (mut write, read) = ws.split();
+            let (out, mut rx) = mpsc::unbounded_channel::<WsMessage>();
+            // One writer task owns the socket's sending half.
+            tokio::spawn(async move {
+                while let Some(m) = rx.recv().await {
+                    let close = matches!(m, WsMessage::Close(_));
+                    if write.send(m).await.is_err() || close {
+                        break;
+                    }
+                }
+                let _ = write.close().await;
+            });
+            Ok((
+                Box::new(WsTx { out }) as Box<dyn ControlTx>,
+                Box::new(WsRx { read }) as Box<dyn ControlRx>,
+            ))
+        })
+    }
+
+    fn fetch(
+        &self,
+        url: &str,
+        range: Option<Range<u64>>,
+        headers: Vec<(String, String)>,
+    ) -> LocalBoxFuture<'static, PlatformResult<Vec<u8>>> {
+        let mut req = self.http.get(url);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        if let Some(r) = &range {
+            req = req.header(
+                reqwest::header::RANGE,
+                format!("bytes={}-{}", r.start, r.end.saturating_sub(1)),
+            );
+        }
+        let url = url.to_string();
+        Box::pin(async move {
+            let what = match &range {
+                Some(r) => format!("{url} bytes {}..{}", r.start, r.end),
+                None => url.clone(),
+            };
+            let resp = req.send().await.map_err(|e| format!("GET {what}: {e}"))?;
+            let status = resp.status();
+            let expected = if range.is_some() { 206 } else { 200 };
+            if status.as_u16() != expected {
+                let body = resp.text().await.unwrap_or_default();
+                return Err(format!(
+                    "GET {what}: HTTP {status}: {}",
+                    body.chars().take(300).collect::<String>()
+                ));
+            }
+            if let (Some(r), Some(len)) = (&range, resp.content_length()) {
+                if len != r.end - r.start {
+                    return Err(format!("GET {what}: the server sent {len} bytes"));
+                }
+            }
+            resp.bytes()
+                .await
+                .map(|b| b.to_vec())
+                .map_err(|e| format!("GET {what}: {e}"))
+        })
+    }
+
+    fn offer(
+        &self,
+        label: String,
+    ) -> LocalBoxFuture<'static, PlatformResult<(String, Box<dyn Offering>)>> {
+        let config = self.rtc_config(label);
+        Box::pin(async move {
+            let mut peer = WebRtcPeer::new(config).await.map_err(|e| e.to_string())?;
+            let offer = peer.create_offer().await.map_err(|e| e.to_string())?;
+            Ok((offer, Box::new(NativeOffering(peer)) as Box<dyn Offering>))
+        })
+    }
+
+    fn answer(
+        &self,
+        label: String,
+        offer: String,
+    ) -> LocalBoxFuture<'static, PlatformResult<(String, Box<dyn Answering>)>> {
+        let config = self.rtc_config(label);
+        Box::pin(async move {
+            let mut peer = WebRtcPeer::new(config).await.map_err(|e| e.to_string())?;
+            let answer = peer.accept_offer(&offer).await.map_err(|e| e.to_string())?;
+            Ok((
+                answer,
+                Box::new(NativeAnswering(peer)) as Box<dyn Answering>,
+            ))
+        })
+    }
+
+    fn resolve(&self, backend: Backend) -> LocalBoxFuture<'_, PlatformResult<(Backend, String)>> {
+        Box::pin(async move {
+            match backend {
+                Backend::Gpu => match self.gpu().await {
+                    Some(ctx) => Ok((Backend::Gpu, ctx.info.name.clone())),
+                    None => Err(
+                        "--backend gpu: no GPU adapter found; install a Vulkan driver \
+                                 (on Debian: mesa-vulkan-drivers) or use --backend cpu"
+                            .into(),
+                    ),
+                },
+                Backend::Auto => match self.gpu().await {
+                    Some(ctx) if !ctx.is_cpu() => Ok((Backend::Gpu, ctx.info.name.clone())),
+                    _ => Ok((Backend::Oracle, cpu_name())),
+                },
+                // The quantized CPU engine is not built yet: the oracle serves `cpu`.
+                Backend::Cpu | Backend::Oracle => Ok((Backend::Oracle, cpu_name())),
+            }
+        })
+    }
+
+    fn exec(
+        &self,
+        backend: Backend,
+        config: &Config,
+        weights: StageWeights<RawTensor>,
+    ) -> LocalBoxFuture<'_, PlatformResult<BoxExec>> {
+        let config = config.clone();
+        Box::pin(async move {
+            match backend {
+                Backend::Gpu => {
+                    let ctx = self.gpu().await.ok_or("no GPU adapter")?;
+                    let engine = GpuEngine::new(ctx.clone(), config, weights, GPU_MAX_BATCH)
+                        .map_err(|e| format!("GPU engine: {e}"))?;
+                    let bytes = engine.weight_bytes();
+                    let name = format!("gpu ({})", ctx.info.name);
+                    Ok(Box::new(ThreadedExec::new(engine, bytes, name)) as BoxExec)
+                }
+                _ => {
+                    let oracle = Oracle::new(config, weights).map_err(|e| e.to_string())?;
+                    let bytes = oracle.weight_bytes();
+                    Ok(Box::new(ThreadedExec::new(oracle, bytes, "oracle")) as BoxExec)
+                }
+            }
+        })
+    }
+
+    fn sleep(&self, d: Duration) -> LocalBoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(d))
+    }
+
+    fn rss_bytes(&self) -> Option<u64> {
+        rss_bytes()
+    }
+}
+
+/// Resident memory of this process (Linux: `VmRSS` of `/proc/self/status`).
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The CPU's model name, for profiles.
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|n| n.trim().to_string())
+        })
+        .map(|n| format!("{n} ({} threads)", num_cpus()))
+        .unwrap_or_else(|| format!("CPU ({} threads)", num_cpus()))
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
