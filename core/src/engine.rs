@@ -72,6 +72,26 @@ pub trait StageEngine {
     /// Only the final norm + LM head on one hidden row (hidden): the starter runs this when
     /// a token's activations come back around the ring.
     fn head(&mut self, hidden: &[f32], want: Want) -> Result<StageOutput>;
+
+    /// Several sequences' next tokens at once, each with its own cache and position; outputs
+    /// in the same order, each exactly what [`forward`](Self::forward) would return for it.
+    /// Engines that can read each weight once for the whole batch override this.
+    fn forward_batch(
+        &mut self,
+        items: &mut [BatchItem<'_, Self::Cache>],
+    ) -> Vec<Result<StageOutput>> {
+        items
+            .iter_mut()
+            .map(|it| self.forward(it.cache, it.input, it.want))
+            .collect()
+    }
+}
+
+/// One sequence's part of a [`StageEngine::forward_batch`].
+pub struct BatchItem<'a, C> {
+    pub cache: &'a mut C,
+    pub input: StageInput<'a>,
+    pub want: Want,
 }
 
 /// Owned input of a [`Job`].
