@@ -7,6 +7,9 @@ set -euo pipefail
 need_apt=()
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+# Network tests run in namespaces of their own (unshare -n, ip link set lo up).
+command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 [ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 \
   || need_apt+=(mesa-vulkan-drivers libvulkan1)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -17,6 +20,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   else
     echo "setup: please install ${need_apt[*]} (needs root and apt-get)" >&2
   fi
+fi
+
+# The API tests drive the server with the official OpenAI Python client.
+if ! python3 -c 'import openai' >/dev/null 2>&1; then
+  echo "setup: pip install openai"
+  python3 -m pip install -q openai 2>/dev/null || python3 -m pip install -q --break-system-packages openai
 fi
 
 if command -v rustup >/dev/null 2>&1; then

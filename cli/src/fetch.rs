@@ -33,7 +33,8 @@ pub fn default_model_path() -> PathBuf {
     cache_dir().join(FILE)
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// Hex SHA-256 of a file.
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

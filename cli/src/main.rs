@@ -36,6 +36,34 @@ enum Command {
     /// Benchmarks that print tables: the GPU engine against the adapter's own bounds, and the
     /// ring against one node.
     Bench(BenchArgs),
+    /// Join a ring as a node: download only the assigned layers from the server, link to the
+    /// neighbours over WebRTC, and serve until stopped (Ctrl-C leaves the room cleanly).
+    #[command(
+        after_help = "Examples:\n  mdi node --server http://127.0.0.1:8080\n  mdi node --server http://192.168.1.20:8080 --name laptop --memory-budget 2G --backend cpu"
+    )]
+    Node(NodeArgs),
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// The signaling server, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    server: String,
+    /// How the ring map and /api/ring call this device [default: host name + a short id].
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value = "default")]
+    room: String,
+    /// The room's token, if the server has one.
+    #[arg(long)]
+    token: Option<String>,
+    /// Bytes this node may spend on weights and KV caches, e.g. 512M or 2G
+    /// [default: half the available memory, at most 4G].
+    #[arg(long)]
+    memory_budget: Option<String>,
+    /// auto: a hardware GPU if there is one, else the CPU.
+    #[arg(long, default_value = "auto")]
+    backend: String,
 }
 
 #[derive(Args)]
@@ -131,6 +159,13 @@ struct GenerateArgs {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,webrtc=warn,rtc=warn".into()),
+        )
+        .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -144,6 +179,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(args) => run_generate(args),
+        Command::Node(args) => run_node(args),
         Command::Bench(args) => {
             let path = match args.model {
                 Some(p) => p,
@@ -167,6 +203,55 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn run_node(args: NodeArgs) -> Result<()> {
+    let backend = mdi_runtime::Backend::parse(&args.backend).map_err(anyhow::Error::msg)?;
+    let memory_budget = match &args.memory_budget {
+        Some(s) => mdi_runtime::platform::parse_bytes(s).map_err(anyhow::Error::msg)?,
+        None => mdi_runtime::native::default_memory_budget(),
+    };
+    let name = args.name.unwrap_or_else(default_node_name);
+    let opts = mdi_runtime::NodeOptions {
+        server: args.server,
+        room: args.room,
+        token: args.token,
+        name,
+        kind: mdi_runtime::protocol::NodeKind::Native,
+        memory_budget,
+        backend,
+    };
+    mdi_runtime::native::run_node_blocking(opts, stop_signal()).map_err(anyhow::Error::msg)
+}
+
+/// The host name and a short id, so two nodes on one machine differ.
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{host}-{:04x}", (nanos ^ std::process::id()) & 0xffff)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
     }
 }
 

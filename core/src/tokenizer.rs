@@ -161,6 +161,16 @@ impl Tokenizer {
         self.inner.decode(ids, false).map_err(tok_err)
     }
 
+    /// Decode ids to the text a reader sees: special tokens (EOS, `<|im_end|>`) left out.
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tok_err)
+    }
+
+    /// The chat template, if the model has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -171,10 +181,16 @@ impl Tokenizer {
 
     /// Render the model's chat template for one user message, ready for generation.
     pub fn chat_prompt(&self, user: &str) -> Result<String> {
+        self.chat(&[("user", user)])
+    }
+
+    /// Render the model's chat template for a conversation of `(role, content)` messages,
+    /// ready for the assistant's next turn.
+    pub fn chat(&self, messages: &[(&str, &str)]) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
             Error::ChatTemplate("the model has no chat template; use a raw prompt".into())
         })?;
-        render_chat(template, &[("user", user)], self.bos_token().as_deref())
+        render_chat(template, messages, self.bos_token().as_deref())
     }
 
     fn bos_token(&self) -> Option<String> {

@@ -23,7 +23,7 @@ pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 pub fn upload<T: bytemuck::Pod>(ctx: &GpuContext, label: &str, data: &[T]) -> wgpu::Buffer {
     let bytes: &[u8] = bytemuck::cast_slice(data);
     let padded;
-    let contents = if bytes.len() % 4 != 0 || bytes.is_empty() {
+    let contents = if !bytes.len().is_multiple_of(4) || bytes.is_empty() {
         let mut v = bytes.to_vec();
         v.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
         padded = v;
@@ -85,7 +85,7 @@ pub async fn read_bytes(ctx: &GpuContext, buffer: &wgpu::Buffer, bytes: u64) -> 
     if bytes == 0 {
         return Ok(Vec::new());
     }
-    if bytes % 4 != 0 || bytes > buffer.size() {
+    if !bytes.is_multiple_of(4) || bytes > buffer.size() {
         return Err(Error::Readback {
             buffer: label,
             reason: format!(

@@ -205,7 +205,7 @@ pub fn rope_table(head_dim: usize, base: f64, max_positions: usize) -> Vec<f32> 
 impl RopeTable {
     /// Uploads the table for `max_positions` positions.
     pub fn new(ctx: &GpuContext, head_dim: u32, base: f64, max_positions: u32) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::args(
                 "rope",
                 format!("head_dim {head_dim} must be even"),
@@ -535,7 +535,7 @@ impl Kernels {
     ) -> Result<Vec<Dispatch>> {
         const K: &str = "embed";
         let cols = table.cols as u64;
-        if out_offset % 4 != 0 {
+        if !out_offset.is_multiple_of(4) {
             return Err(Error::args(
                 K,
                 format!("out_offset {out_offset} is not a multiple of 4"),
@@ -637,7 +637,7 @@ impl Kernels {
         if let Some(last) = regions.last_mut() {
             last.2 = w.rows - start;
         }
-        if a.x_offset % 4 != 0 {
+        if !a.x_offset.is_multiple_of(4) {
             return Err(Error::args(
                 kernel,
                 format!("x_offset {} is not a multiple of 4", a.x_offset),
@@ -942,8 +942,8 @@ impl Kernels {
     fn barrier_free_attention(&self, shape: &AttentionShape, cache: &KvBuffers) -> bool {
         let group = shape.n_heads / shape.n_kv_heads.max(1);
         self.tuning.strategy == Strategy::RowPerThread
-            && shape.head_dim % 4 == 0
-            && cache.offset % 4 == 0
+            && shape.head_dim.is_multiple_of(4)
+            && cache.offset.is_multiple_of(4)
             && group <= MAX_ATTENTION_GROUP
             && group * shape.head_dim <= MAX_ATTENTION_GROUP_DIM
     }
@@ -981,7 +981,7 @@ impl Kernels {
         n_tokens: u32,
         p0: u32,
     ) -> Result<()> {
-        if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+        if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
             return Err(Error::args(
                 kernel,
                 format!(

@@ -52,7 +52,7 @@ pub fn check_shape(name: &str, dtype: DType, rows: usize, cols: usize) -> Result
     if rows == 0 || cols == 0 {
         return Err(Error::tensor(name, format!("empty shape ({rows}, {cols})")));
     }
-    if cols % unit != 0 {
+    if !cols.is_multiple_of(unit) {
         return Err(Error::tensor(
             name,
             format!("{dtype} rows of {cols} values: the GPU kernels need a multiple of {unit}"),

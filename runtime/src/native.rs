@@ -375,3 +375,34 @@ pub fn cpu_name() -> String {
 fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+
+/// A memory budget when none is given: half of the memory available now, at most 4 GiB.
+pub fn default_memory_budget() -> u64 {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    match available {
+        Some(kb) => (kb * 1024 / 2).min(4 << 30),
+        None => 1 << 30,
+    }
+}
+
+/// Runs a node session on this thread with its own tokio runtime until it ends or `stop`
+/// resolves: what `mdi node` and the server's local nodes do.
+pub fn run_node_blocking(
+    opts: crate::session::NodeOptions,
+    stop: impl std::future::Future<Output = ()> + 'static,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let platform = NativePlatform::new(&opts.server)?;
+    rt.block_on(async move {
+        crate::session::run(&platform, opts, Box::pin(stop))
+            .await
+            .map_err(|e| e.to_string())
+    })
+}

@@ -112,3 +112,49 @@ pub trait Platform {
     /// Resident memory of this process, where the platform can tell.
     fn rss_bytes(&self) -> Option<u64>;
 }
+
+/// Parses a byte count: `1073741824`, `512M`, `2G`, `1.5GiB` (K, M, G, T in powers of 1024).
+pub fn parse_bytes(s: &str) -> PlatformResult<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a byte count (try 512M or 2G)"))?;
+    let scale: u64 = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("`{s}` has an unknown unit (use K, M, G or T)")),
+    };
+    let bytes = value * scale as f64;
+    if !(bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64) {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts_parse() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("3kb"), Ok(3072));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5Q").is_err());
+    }
+}

@@ -6,6 +6,7 @@ use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, Result};
 
+pub mod procs;
 pub mod rings;
 pub mod tiny;
 

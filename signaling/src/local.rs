@@ -1,0 +1,40 @@
+//! `--local-nodes N`: ring nodes inside the server's own process, each on its own thread with
+//! its own async runtime, joining through the server's WebSocket and downloading their layers
+//! over HTTP exactly as separate devices do. One command then gives a working ring.
+
+use mdi_runtime::native::run_node_blocking;
+use mdi_runtime::platform::Backend;
+use mdi_runtime::protocol::NodeKind;
+use mdi_runtime::session::NodeOptions;
+
+/// Starts `n` local nodes that join `room` of the server at `server`.
+pub fn start(
+    n: usize,
+    server: &str,
+    room: &str,
+    token: Option<String>,
+    memory_budget: u64,
+    backend: Backend,
+) {
+    for i in 1..=n {
+        let opts = NodeOptions {
+            server: server.to_string(),
+            room: room.to_string(),
+            token: token.clone(),
+            name: format!("local-{i}"),
+            kind: NodeKind::Native,
+            memory_budget,
+            backend,
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("local node {i}"))
+            .spawn(move || {
+                if let Err(e) = run_node_blocking(opts, std::future::pending()) {
+                    tracing::error!("local node {i}: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start local node {i}: {e}");
+        }
+    }
+}

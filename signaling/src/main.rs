@@ -1,0 +1,155 @@
+//! `signaling`: serve a model to a ring of devices and an OpenAI-compatible API over it.
+//! Prints exactly one line on stdout, `listening on http://ADDR`, once it accepts connections;
+//! everything else goes to stderr (`RUST_LOG` sets the detail).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use mdi_core::wire::WireDtype;
+use mdi_runtime::platform::{parse_bytes, Backend};
+use signaling::model::ServedModel;
+use signaling::room::{Hub, RoomConfig};
+use signaling::{app, spawn_ticker, AppState, DEFAULT_ROOM};
+
+#[derive(Parser)]
+#[command(
+    name = "signaling",
+    version,
+    about = "Serve a model to a ring of devices, and an OpenAI-compatible API over the ring",
+    after_help = "Examples:\n  signaling --local-nodes 3\n  signaling --bind 127.0.0.1:9000 --model model.gguf --token secret --min-nodes 2"
+)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    bind: String,
+    /// A GGUF file or a Hugging Face folder [default: the default model, fetched once].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Require this token from nodes (join) and API callers (Authorization: Bearer).
+    #[arg(long)]
+    token: Option<String>,
+    /// Also start this many ring nodes inside this process.
+    #[arg(long, default_value_t = 0)]
+    local_nodes: usize,
+    /// Nodes needed before a ring forms [default: --local-nodes, at least 1].
+    #[arg(long)]
+    min_nodes: Option<usize>,
+    /// Sequences in flight at once (concurrent requests beyond it queue).
+    #[arg(long, default_value_t = 8)]
+    in_flight: usize,
+    /// Engine of the local nodes: auto, gpu, cpu or oracle.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Memory budget of each local node (e.g. 1G) [default: a share of available memory].
+    #[arg(long)]
+    node_memory: Option<String>,
+    /// Completion tokens when a request gives no max_tokens.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// KV positions the plan reserves per sequence in flight.
+    #[arg(long, default_value_t = 256)]
+    reserve_positions: usize,
+    /// Seconds a request may wait for a ready ring before it fails.
+    #[arg(long, default_value_t = 300)]
+    queue_timeout: u64,
+    /// Element type of activations between nodes: f16 halves the bytes per hop; f32 keeps
+    /// every answer bit-identical to a single node's.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    wire: String,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,webrtc=warn,rtc=warn".into()),
+        )
+        .init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let backend = Backend::parse(&args.backend).map_err(anyhow::Error::msg)?;
+    let node_memory = match &args.node_memory {
+        Some(s) => parse_bytes(s).map_err(anyhow::Error::msg)?,
+        None => mdi_runtime::native::default_memory_budget() / args.local_nodes.max(1) as u64,
+    };
+    let path = match args.model {
+        Some(p) => p,
+        None => mdi::fetch::ensure_default_model()?,
+    };
+    let model = ServedModel::open(&path).with_context(|| format!("serving {}", path.display()))?;
+    let hub = Hub::new(RoomConfig {
+        min_nodes: args.min_nodes.unwrap_or(args.local_nodes).max(1),
+        in_flight: args.in_flight.max(1),
+        reserve_positions: args.reserve_positions.max(1),
+        max_queued: 1024,
+        queue_timeout: Duration::from_secs(args.queue_timeout),
+        wire: if args.wire == "f32" {
+            WireDtype::F32
+        } else {
+            WireDtype::F16
+        },
+    });
+    let state = Arc::new(AppState::new(
+        model,
+        hub,
+        args.token.clone(),
+        args.max_tokens.max(1),
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.bind)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.bind))?;
+        let addr = listener.local_addr()?;
+        let url = format!("http://{addr}");
+        println!("listening on {url}");
+        std::io::stdout().flush()?;
+        tracing::info!("serving {} ({})", path.display(), state.model.id);
+        spawn_ticker(&state);
+        if args.local_nodes > 0 {
+            signaling::local::start(
+                args.local_nodes,
+                &url,
+                DEFAULT_ROOM,
+                args.token.clone(),
+                node_memory,
+                backend,
+            );
+        }
+        axum::serve(listener, app(state))
+            .with_graceful_shutdown(shutdown())
+            .await
+            .context("serving")
+    })
+}
+
+async fn shutdown() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
