@@ -2,6 +2,7 @@
 //! default-model cache, and the generation loop shared by the CLI and the tests.
 
 pub mod bench;
+pub mod bench_api;
 pub mod fetch;
 pub mod files;
 pub mod generate;

@@ -86,6 +86,16 @@ struct BenchArgs {
     /// Leave out the ring benchmark.
     #[arg(long)]
     skip_ring: bool,
+    /// Also run the API benchmark: a signaling server and 1..=N `mdi node` processes, N
+    /// concurrent streaming clients each (needs the `signaling` binary beside this one).
+    #[arg(long, value_name = "N")]
+    api: Option<usize>,
+    /// Engine of the API benchmark's nodes.
+    #[arg(long, default_value = "auto")]
+    api_backend: String,
+    /// Memory budget of each API benchmark node.
+    #[arg(long, default_value = "2G")]
+    api_memory: String,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -198,6 +208,22 @@ fn run(cli: Cli) -> Result<()> {
                 let rows = mdi::bench::ring(&model, args.nodes, args.sequences, args.max_tokens)?;
                 mdi::bench::print_table(
                     &format!("Ring benchmark: {} ({})", path.display(), model.config.arch),
+                    &rows,
+                );
+            }
+            if let Some(n) = args.api {
+                let rows = mdi::bench_api::run(&mdi::bench_api::ApiBench {
+                    model: path.clone(),
+                    max_nodes: n.max(1),
+                    max_tokens: args.max_tokens,
+                    backend: args.api_backend.clone(),
+                    memory_budget: args.api_memory.clone(),
+                })?;
+                mdi::bench::print_table(
+                    &format!(
+                        "API benchmark: signaling + mdi node processes, {}",
+                        path.display()
+                    ),
                     &rows,
                 );
             }

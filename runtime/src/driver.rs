@@ -249,6 +249,17 @@ pub async fn run_node(
                 running = Some(exec.submit(job));
             }
         }
+        {
+            // After every event: an `End` frees KV as surely as a job fills it.
+            let st = node.stats();
+            let mut s = lock(&stats);
+            s.tokens = st.tokens;
+            s.kv_bytes = st.kv_bytes as u64;
+            s.kv_peak = st.kv_peak as u64;
+            s.sequences = st.sequences;
+            s.peak_sequences = s.peak_sequences.max(st.sequences);
+            s.queued = st.queued;
+        }
         let wake = futures::select_biased! {
             d = run_or_pending(&mut running).fuse() => Wake::Done(d),
             r = out.sent().fuse() => Wake::Sent(r),
@@ -262,16 +273,8 @@ pub async fn run_node(
                 if !msgs.is_empty() {
                     out.push(pinger.due());
                 }
-                let st = node.stats();
-                let mut s = lock(&stats);
-                s.sending(&msgs);
+                lock(&stats).sending(&msgs);
                 out.push(msgs);
-                s.tokens = st.tokens;
-                s.kv_bytes = st.kv_bytes as u64;
-                s.kv_peak = st.kv_peak as u64;
-                s.sequences = st.sequences;
-                s.peak_sequences = s.peak_sequences.max(st.sequences);
-                s.queued = st.queued;
             }
             Wake::Sent(r) => {
                 if let Err(e) = r {
