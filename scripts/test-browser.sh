@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the GPU kernel tests (gpu/tests/kernels_match_cpu_reference.rs) compiled to wasm32 inside
+# Runs the GPU kernel and engine tests (gpu/tests/kernels_match_cpu_reference.rs,
+# gpu/tests/engine_matches_oracle_on_every_target.rs) compiled to wasm32 inside
 # headless Chromium, on its WebGPU adapter (SwiftShader without a GPU: no shader-f16, at most 256
 # invocations per workgroup), with wasm-bindgen-test-runner driving Chromium via chromedriver.
 # The same test bodies run natively in scripts/test.sh. A missing WebGPU adapter fails the tests.
@@ -19,9 +20,10 @@ export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test -p mdi-gpu --target wasm32-unknown-unknown --release \
-  --test kernels_match_cpu_reference -- "$@" 2>&1 | tee "$log"
+  --test kernels_match_cpu_reference --test engine_matches_oracle_on_every_target \
+  -- "$@" 2>&1 | tee "$log"
 # A cfg slip can compile the wrappers away, and the runner passes when there is nothing to run.
-if ! grep -Eq 'test result: ok\. [1-9][0-9]* passed' "$log"; then
+if [ "$(grep -Ec 'test result: ok\. [1-9][0-9]* passed' "$log")" -lt 2 ]; then
   echo "test-browser: no kernel test ran in the browser" >&2
   exit 1
 fi

@@ -134,15 +134,22 @@ fn split_pass(
     var acc: array<vec4<f32>, GROUP * HD4>;
     var m: array<f32, GROUP>;
     var l: array<f32, GROUP>;
+    // Every array is zeroed explicitly: SwiftShader does not re-zero a loop-local array on
+    // each iteration as WGSL requires (see `main`).
     for (var g = 0u; g < GROUP; g++) {
         for (var i = 0u; i < HD4; i++) {
             qv[g * HD4 + i] = q[qb + g * HD4 + i] * params.scale;
+            acc[g * HD4 + i] = vec4<f32>(0.0);
         }
         m[g] = NEG_BIG;
+        l[g] = 0.0;
     }
     for (var j = j0; j < j1; j++) {
         let kb = cb + j * HD4;
         var sc: array<f32, GROUP>;
+        for (var g = 0u; g < GROUP; g++) {
+            sc[g] = 0.0;
+        }
         for (var i = 0u; i < HD4; i++) {
             let kv = k_cache[kb + i];
             for (var g = 0u; g < GROUP; g++) {

@@ -188,7 +188,11 @@ fn tiled(
         for (var i = lid; i < TR * (KS / UNIT); i += 64u) {
             let rr = i / (KS / UNIT);
             let uu = i % (KS / UNIT);
+            // Zeroed explicitly: SwiftShader keeps a loop-local array's old values.
             var wv: array<vec4<f32>, UNIT_V4>;
+            for (var k = 0u; k < UNIT_V4; k++) {
+                wv[k] = vec4<f32>(0.0);
+            }
             // Float formats have 8-value units, so a row may end inside a step.
             if r0 + rr < params.rows && k0 + uu * UNIT < params.cols {
                 wv = w_decode((r0 + rr) * units + k0 / UNIT + uu, params.q_offset);
