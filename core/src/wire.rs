@@ -199,7 +199,8 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>> {
                 )));
             }
             let end = chunk.offset as u64 + len as u64;
-            if end > chunk.total_bytes() || !len.is_multiple_of(dtype.size()) || chunk.n_tokens == 0 {
+            if end > chunk.total_bytes() || !len.is_multiple_of(dtype.size()) || chunk.n_tokens == 0
+            {
                 return Err(wire_err(format!(
                     "activation chunk at bytes {}..{end} does not fit {} tokens × {} ({:?})",
                     chunk.offset, chunk.n_tokens, chunk.hidden, dtype

@@ -1,0 +1,712 @@
+//! [`CpuEngine`]: one stage of the model on the CPU, computing what the oracle computes
+//! (RMSNorm, RoPE in either layout, grouped-query attention, SwiGLU, tied or untied head,
+//! optional Q/K/V biases) with the weights left in their stored blocks.
+//!
+//! Every call is a batch: the rows of all its sequences (a prefill's prompt, several
+//! sequences' decode tokens, or both) go through each weight matrix together, so each weight
+//! is read once per call however many rows there are; attention then runs per sequence
+//! against that sequence's own KV cache at its own positions. [`StageEngine::forward`] is a
+//! batch of one.
+
+use mdi_core::config::RopeLayout;
+use mdi_core::engine::{BatchItem, StageEngine, StageInput, StageOutput, Want};
+use mdi_core::sampling::argmax;
+use mdi_core::weights::{LayerWeights, RawTensor, StageSpec, StageWeights};
+use mdi_core::{Config, Error, Result};
+
+use crate::kernels::Kernels;
+use crate::matrix::{vector, QMatrix};
+use crate::pool::Pool;
+
+/// Weight bytes a parallel task should at least cover, so that tiny matrices are not split
+/// into tasks that cost more to hand out than to run.
+const MIN_TASK_BYTES: usize = 16 * 1024;
+/// Tasks per thread for each matrix: a little slack so a thread held up by the OS does not
+/// leave the other idle for the rest of the matrix.
+const TASKS_PER_THREAD: usize = 2;
+
+/// One transformer block's weights.
+struct Layer {
+    attn_norm: Vec<f32>, // (hidden)
+    wq: QMatrix,         // (n_heads·head_dim, hidden)
+    wk: QMatrix,         // (n_kv_heads·head_dim, hidden)
+    wv: QMatrix,         // (n_kv_heads·head_dim, hidden)
+    wo: QMatrix,         // (hidden, n_heads·head_dim)
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>, // (hidden)
+    gate: QMatrix,      // (ffn, hidden)
+    up: QMatrix,        // (ffn, hidden)
+    down: QMatrix,      // (hidden, ffn)
+}
+
+/// A sequence's keys and values for one stage's layers.
+#[derive(Debug, Clone)]
+pub struct CpuCache {
+    /// Per layer: (n_kv_heads, max_positions, head_dim). Allocated zeroed, so pages are only
+    /// committed as positions are written.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    max_positions: usize,
+    /// Positions filled: the next token's position.
+    len: usize,
+}
+
+impl CpuCache {
+    /// Positions already processed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions this cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.max_positions
+    }
+}
+
+/// One stage of the model on the CPU: weights in their stored format, SIMD kernels chosen at
+/// run time, a thread pool made once.
+pub struct CpuEngine {
+    config: Config,
+    spec: StageSpec,
+    kernels: Kernels,
+    pool: Pool,
+    /// (vocab, hidden): for embedding, and the head when tied.
+    embed: Option<QMatrix>,
+    layers: Vec<Layer>,
+    output_norm: Option<Vec<f32>>,
+    /// (vocab, hidden): an untied head.
+    head: Option<QMatrix>,
+    /// RoPE frequency of each dimension pair, (head_dim / 2).
+    inv_freq: Vec<f64>,
+}
+
+/// One valid sequence of a batch while it runs.
+struct Seq<'c> {
+    index: usize,
+    cache: &'c mut CpuCache,
+    /// Position of the first row.
+    pos: usize,
+    rows: usize,
+    want: Want,
+}
+
+impl CpuEngine {
+    /// Take a stage's stored weights; `threads` 0 means one per core (always 1 on wasm32).
+    pub fn new(config: Config, weights: StageWeights<RawTensor>, threads: usize) -> Result<Self> {
+        Self::with_kernels(config, weights, threads, Kernels::best())
+    }
+
+    /// As [`new`](Self::new), with a chosen instruction set (tests, benchmarks).
+    pub fn with_kernels(
+        config: Config,
+        weights: StageWeights<RawTensor>,
+        threads: usize,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        config.validate()?;
+        weights.spec.validate(&config)?;
+        let c = &config;
+        let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
+        let matrix = |t: RawTensor, rows: usize, cols: usize| -> Result<QMatrix> {
+            let m = QMatrix::from_raw(t)?;
+            if (m.rows(), m.cols()) != (rows, cols) {
+                return Err(Error::Shape {
+                    file: "stage weights".into(),
+                    tensor: m.name().to_string(),
+                    expected: vec![rows, cols],
+                    actual: vec![m.rows(), m.cols()],
+                });
+            }
+            Ok(m)
+        };
+        let bias = |t: Option<RawTensor>, n: usize| t.map(|t| vector(t, n)).transpose();
+        let StageWeights {
+            spec,
+            embed,
+            layers,
+            output_norm,
+            head,
+        } = weights;
+        let layers = layers
+            .into_iter()
+            .map(|l: LayerWeights<RawTensor>| {
+                Ok(Layer {
+                    attn_norm: vector(l.attn_norm, h)?,
+                    wq: matrix(l.wq, q, h)?,
+                    wk: matrix(l.wk, kv, h)?,
+                    wv: matrix(l.wv, kv, h)?,
+                    wo: matrix(l.wo, h, q)?,
+                    bq: bias(l.bq, q)?,
+                    bk: bias(l.bk, kv)?,
+                    bv: bias(l.bv, kv)?,
+                    ffn_norm: vector(l.ffn_norm, h)?,
+                    gate: matrix(l.gate, f, h)?,
+                    up: matrix(l.up, f, h)?,
+                    down: matrix(l.down, h, f)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if layers.len() != spec.layers.len() {
+            return Err(Error::Input(format!(
+                "stage {:?} came with {} layers of weights",
+                spec.layers,
+                layers.len()
+            )));
+        }
+        let embed = embed.map(|t| matrix(t, c.vocab, h)).transpose()?;
+        let head = head.map(|t| matrix(t, c.vocab, h)).transpose()?;
+        let output_norm = output_norm.map(|t| vector(t, h)).transpose()?;
+        if spec.embed && embed.is_none() {
+            return Err(Error::Input(
+                "an embedding stage needs the embedding".into(),
+            ));
+        }
+        if spec.head && (output_norm.is_none() || head.as_ref().or(embed.as_ref()).is_none()) {
+            return Err(Error::Input(
+                "a head stage needs the final norm and the head matrix".into(),
+            ));
+        }
+        let hd = c.head_dim;
+        let inv_freq = (0..hd / 2)
+            .map(|i| (c.rope_base as f64).powf(-2.0 * i as f64 / hd as f64))
+            .collect();
+        Ok(Self {
+            pool: Pool::new(threads)?,
+            kernels,
+            spec,
+            embed,
+            layers,
+            output_norm,
+            head,
+            inv_freq,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The instruction set the kernels use.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Threads of the pool.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Weight bytes this engine holds: the stored bytes of its matrices plus its f32 norms and
+    /// biases.
+    pub fn weight_bytes(&self) -> u64 {
+        let mut total = 0usize;
+        let mut mat = |m: &QMatrix| total += m.bytes_held();
+        self.embed.iter().chain(&self.head).for_each(&mut mat);
+        let mut vecs = self.output_norm.as_ref().map_or(0, Vec::len);
+        for l in &self.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down] {
+                mat(m);
+            }
+            vecs += l.attn_norm.len() + l.ffn_norm.len();
+            vecs += [&l.bq, &l.bk, &l.bv]
+                .into_iter()
+                .flatten()
+                .map(Vec::len)
+                .sum::<usize>();
+        }
+        (total + vecs * 4) as u64
+    }
+
+    /// Weight bytes one decode step of one sequence reads: every layer matrix, and the head
+    /// when the stage has one (the embedding is a single row).
+    pub fn bytes_per_token(&self) -> u64 {
+        let mut total: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+            .map(QMatrix::bytes_held)
+            .sum();
+        if self.spec.head {
+            total += self.head_matrix().map_or(0, QMatrix::bytes_held);
+        }
+        total as u64
+    }
+
+    fn head_matrix(&self) -> Option<&QMatrix> {
+        self.head.as_ref().or(self.embed.as_ref())
+    }
+
+    /// An empty cache for `max_positions` positions.
+    pub fn new_cache(&self, max_positions: usize) -> Result<CpuCache> {
+        let c = &self.config;
+        let size = c
+            .n_kv_heads
+            .checked_mul(max_positions)
+            .and_then(|s| s.checked_mul(c.head_dim))
+            .ok_or_else(|| Error::Input(format!("a cache of {max_positions} positions")))?;
+        let n = self.layers.len();
+        Ok(CpuCache {
+            k: (0..n).map(|_| vec![0.0; size]).collect(),
+            v: (0..n).map(|_| vec![0.0; size]).collect(),
+            max_positions,
+            len: 0,
+        })
+    }
+
+    /// Bytes of a cache for `max_positions` positions.
+    pub fn cache_bytes(&self, max_positions: usize) -> usize {
+        2 * 4 * self.layers.len() * self.config.n_kv_heads * max_positions * self.config.head_dim
+    }
+
+    /// Check one sequence's call and turn its input into hidden rows (n_tokens, hidden).
+    fn prepare(&self, cache: &CpuCache, input: StageInput<'_>, want: Want) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let spec = &self.spec;
+        let x = match (input, &self.embed) {
+            (StageInput::Tokens(ids), Some(embed)) if spec.embed => {
+                let mut x = vec![0.0; ids.len() * c.hidden]; // (n_tokens, hidden)
+                for (&id, row) in ids.iter().zip(x.chunks_exact_mut(c.hidden)) {
+                    if id as usize >= c.vocab {
+                        return Err(Error::Input(format!(
+                            "token id {id} is outside the vocabulary of {}",
+                            c.vocab
+                        )));
+                    }
+                    let id = id as usize;
+                    self.kernels
+                        .dequantize_row(embed.dtype(), embed.rows_bytes(id..id + 1), row);
+                }
+                x
+            }
+            (StageInput::Hidden(h), _) if !spec.embed => {
+                if !h.len().is_multiple_of(c.hidden) {
+                    return Err(Error::Input(format!(
+                        "{} hidden values are not whole rows of {}",
+                        h.len(),
+                        c.hidden
+                    )));
+                }
+                h.to_vec()
+            }
+            _ => {
+                return Err(Error::Input(format!(
+                    "stage {:?} (embed: {}) got the wrong kind of input",
+                    spec.layers, spec.embed
+                )))
+            }
+        };
+        let n = x.len() / c.hidden;
+        if n == 0 {
+            return Err(Error::Input("no tokens to process".into()));
+        }
+        if want != Want::Hidden && !spec.head {
+            return Err(Error::Input(format!(
+                "stage {:?} does not hold the head, so it cannot return {want:?}",
+                spec.layers
+            )));
+        }
+        let size = c.n_kv_heads * cache.max_positions * c.head_dim;
+        if cache.k.len() != self.layers.len()
+            || cache.k.iter().chain(&cache.v).any(|l| l.len() != size)
+        {
+            return Err(Error::Input(format!(
+                "the cache was made for another stage than {:?}",
+                spec.layers
+            )));
+        }
+        if cache.len + n > cache.max_positions {
+            return Err(Error::ContextFull {
+                position: cache.len + n - 1,
+                context: cache.max_positions,
+            });
+        }
+        Ok(x)
+    }
+
+    /// Run every layer over the rows of all sequences in `x` (rows, hidden), in place.
+    fn layers(&self, seqs: &mut [Seq<'_>], x: &mut [f32]) {
+        let c = &self.config;
+        let (hidden, hd, qd, kvd) = (c.hidden, c.head_dim, c.q_dim(), c.kv_dim());
+        let rows = x.len() / hidden;
+        // Each row's sequence and position.
+        let mut row_seq = Vec::with_capacity(rows);
+        let mut row_pos = Vec::with_capacity(rows);
+        for (s, seq) in seqs.iter().enumerate() {
+            for t in 0..seq.rows {
+                row_seq.push(s);
+                row_pos.push(seq.pos + t);
+            }
+        }
+        // RoPE angles per row, shared by every layer and head: (rows, head_dim / 2).
+        let half = hd / 2;
+        let mut cos = vec![0f32; rows * half];
+        let mut sin = vec![0f32; rows * half];
+        for (r, &p) in row_pos.iter().enumerate() {
+            for (i, f) in self.inv_freq.iter().enumerate() {
+                // Angles in f64, as the oracle: position × frequency loses digits in f32.
+                let (s, co) = (p as f64 * f).sin_cos();
+                cos[r * half + i] = co as f32;
+                sin[r * half + i] = s as f32;
+            }
+        }
+        let mut xn = vec![0f32; rows * hidden]; // (rows, hidden)
+        let mut q = vec![0f32; rows * qd]; // (rows, n_heads·head_dim)
+        let mut k = vec![0f32; rows * kvd]; // (rows, n_kv_heads·head_dim)
+        let mut v = vec![0f32; rows * kvd]; // (rows, n_kv_heads·head_dim)
+        let mut att = vec![0f32; rows * qd]; // (rows, n_heads·head_dim)
+        let mut proj = vec![0f32; rows * hidden]; // (rows, hidden)
+        let mut gate = vec![0f32; rows * c.ffn]; // (rows, ffn)
+        let mut up = vec![0f32; rows * c.ffn]; // (rows, ffn)
+        let scale = 1.0 / (hd as f32).sqrt();
+
+        for (li, w) in self.layers.iter().enumerate() {
+            // Attention: x += Wo · attn(rope(Wq·norm(x)), rope(Wk·norm(x)), Wv·norm(x))
+            rmsnorm_rows(x, &w.attn_norm, c.norm_eps, &mut xn);
+            self.matmuls(
+                &xn,
+                &mut [
+                    (&w.wq, &mut q[..]),
+                    (&w.wk, &mut k[..]),
+                    (&w.wv, &mut v[..]),
+                ],
+            );
+            for (b, y) in [(&w.bq, &mut q), (&w.bk, &mut k), (&w.bv, &mut v)] {
+                if let Some(b) = b {
+                    for row in y.chunks_exact_mut(b.len()) {
+                        row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                    }
+                }
+            }
+            for r in 0..rows {
+                let (co, si) = (&cos[r * half..][..half], &sin[r * half..][..half]);
+                for head in q[r * qd..(r + 1) * qd].chunks_exact_mut(hd) {
+                    rope(head, co, si, c.rope_layout);
+                }
+                for head in k[r * kvd..(r + 1) * kvd].chunks_exact_mut(hd) {
+                    rope(head, co, si, c.rope_layout);
+                }
+            }
+            // Append each row's keys and values to its sequence's cache.
+            for (r, (&s, &p)) in row_seq.iter().zip(&row_pos).enumerate() {
+                let cache = &mut *seqs[s].cache;
+                let max = cache.max_positions;
+                for kvh in 0..c.n_kv_heads {
+                    let dst = (kvh * max + p) * hd;
+                    let src = r * kvd + kvh * hd;
+                    cache.k[li][dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                    cache.v[li][dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+                }
+            }
+            self.attention(seqs, li, &row_seq, &row_pos, &q, &mut att, scale);
+            self.matmuls(&att, &mut [(&w.wo, &mut proj[..])]);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+
+            // Feed-forward: x += down(silu(gate·norm(x)) ⊙ up·norm(x))
+            rmsnorm_rows(x, &w.ffn_norm, c.norm_eps, &mut xn);
+            self.matmuls(&xn, &mut [(&w.gate, &mut gate[..]), (&w.up, &mut up[..])]);
+            self.swiglu(&mut gate, &up);
+            self.matmuls(&gate, &mut [(&w.down, &mut proj[..])]);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+        }
+    }
+
+    /// Causal attention of every row over its own sequence's cache, one task per (row, KV
+    /// head): the query heads sharing a KV head read its keys and values once.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        seqs: &[Seq<'_>],
+        layer: usize,
+        row_seq: &[usize],
+        row_pos: &[usize],
+        q: &[f32],       // (rows, n_heads·head_dim)
+        att: &mut [f32], // (rows, n_heads·head_dim)
+        scale: f32,
+    ) {
+        let c = &self.config;
+        let (hd, group) = (c.head_dim, c.group());
+        let width = group * hd;
+        // (keys, values, max_positions) of each sequence at this layer.
+        let kv: Vec<(&[f32], &[f32], usize)> = seqs
+            .iter()
+            .map(|s| {
+                (
+                    &s.cache.k[layer][..],
+                    &s.cache.v[layer][..],
+                    s.cache.max_positions,
+                )
+            })
+            .collect();
+        let tasks: Vec<(usize, &mut [f32])> = att.chunks_mut(width).enumerate().collect();
+        self.pool.run(tasks, |(i, out)| {
+            let (r, kvh) = (i / c.n_kv_heads, i % c.n_kv_heads);
+            let (keys, values, max) = kv[row_seq[r]];
+            let positions = row_pos[r] + 1; // causal: sees 0..=its own position
+            let base = kvh * max * hd;
+            let mut scores = vec![0f32; group * positions]; // (group, positions)
+            self.kernels.attend(
+                &q[i * width..(i + 1) * width],
+                &keys[base..base + positions * hd],
+                &values[base..base + positions * hd],
+                positions,
+                hd,
+                scale,
+                &mut scores,
+                out,
+            );
+        });
+    }
+
+    /// gate = silu(gate) ⊙ up, split over the pool when there are many rows (prefill).
+    fn swiglu(&self, gate: &mut [f32], up: &[f32]) {
+        const CHUNK: usize = 16 * 1024;
+        let f = |(g, u): (&mut [f32], &[f32])| {
+            for (g, u) in g.iter_mut().zip(u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        };
+        if gate.len() <= CHUNK || self.pool.threads() == 1 {
+            f((gate, up));
+        } else {
+            let tasks: Vec<_> = gate.chunks_mut(CHUNK).zip(up.chunks(CHUNK)).collect();
+            self.pool.run(tasks, f);
+        }
+    }
+
+    /// For every (W, y): y (n, W.rows) = x (n, W.cols) · Wᵀ. All matrices' rows are cut into
+    /// tasks for one parallel step; each task reads its rows once for all n rows of x and
+    /// writes its columns of every row of y (through a small (rows, n) scratch when n > 1, so
+    /// the transposition is spread over the threads too).
+    fn matmuls(&self, x: &[f32], jobs: &mut [(&QMatrix, &mut [f32])]) {
+        let Some(cols) = jobs.first().map(|(w, _)| w.cols()) else {
+            return;
+        };
+        let n = x.len() / cols;
+        // (W, first row, that task's slice of each of the n rows of y)
+        let mut tasks: Vec<(&QMatrix, usize, Vec<&mut [f32]>)> = Vec::new();
+        for (w, y) in jobs.iter_mut() {
+            let (rows, per) = (w.rows(), self.rows_per_task(w, n));
+            let first = tasks.len();
+            for i in 0..rows.div_ceil(per) {
+                tasks.push((w, i * per, Vec::with_capacity(n)));
+            }
+            for y_row in y.chunks_mut(rows) {
+                for (i, part) in y_row.chunks_mut(per).enumerate() {
+                    tasks[first + i].2.push(part);
+                }
+            }
+        }
+        self.pool.run(tasks, |(w, r0, mut parts)| {
+            let Some(len) = parts.first().map(|p| p.len()) else {
+                return;
+            };
+            let bytes = w.rows_bytes(r0..r0 + len);
+            if let [out] = &mut parts[..] {
+                self.kernels.rows_dot(w.dtype(), bytes, cols, x, out);
+                return;
+            }
+            let mut scratch = vec![0f32; len * n]; // (len, n)
+            self.kernels
+                .rows_dot(w.dtype(), bytes, cols, x, &mut scratch);
+            for (t, part) in parts.iter_mut().enumerate() {
+                for (r, y) in part.iter_mut().enumerate() {
+                    *y = scratch[r * n + t];
+                }
+            }
+        });
+    }
+
+    fn rows_per_task(&self, w: &QMatrix, n: usize) -> usize {
+        let threads = self.pool.threads();
+        if threads == 1 {
+            return w.rows().max(1);
+        }
+        let mut per = w.rows().div_ceil(threads * TASKS_PER_THREAD);
+        per = per.max(MIN_TASK_BYTES.div_ceil(w.row_bytes().max(1)));
+        if n > 4 {
+            // Whole panels of the many-token kernels (6, 4 or 2 rows).
+            per = per.div_ceil(12) * 12;
+        }
+        per.clamp(1, w.rows().max(1))
+    }
+
+    /// Final norm + LM head on rows (m, hidden): logits (m, vocab).
+    fn head_rows(&self, hidden: &[f32]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (Some(norm), Some(head)) = (&self.output_norm, self.head_matrix()) else {
+            return Err(Error::Input(format!(
+                "stage {:?} does not hold the head",
+                self.spec.layers
+            )));
+        };
+        let m = hidden.len() / c.hidden;
+        let mut normed = vec![0f32; hidden.len()]; // (m, hidden)
+        rmsnorm_rows(hidden, norm, c.norm_eps, &mut normed);
+        let mut logits = vec![0f32; m * c.vocab]; // (m, vocab)
+        self.matmuls(&normed, &mut [(head, &mut logits[..])]);
+        Ok(logits)
+    }
+
+    /// Run a batch of checked sequences whose rows are `x`; outputs in `seqs` order.
+    fn run(&self, seqs: &mut [Seq<'_>], mut x: Vec<f32>) -> Vec<Result<StageOutput>> {
+        let hidden = self.config.hidden;
+        self.layers(seqs, &mut x);
+        let mut outputs: Vec<Option<Result<StageOutput>>> = Vec::with_capacity(seqs.len());
+        // The last rows of the sequences that want the head, run through it together.
+        let mut last_rows = Vec::new();
+        let mut start = 0;
+        for s in seqs.iter_mut() {
+            s.cache.len += s.rows;
+            let rows = &x[start * hidden..(start + s.rows) * hidden];
+            start += s.rows;
+            if s.want == Want::Hidden {
+                outputs.push(Some(Ok(StageOutput::Hidden(rows.to_vec()))));
+            } else {
+                last_rows.extend_from_slice(&rows[(s.rows - 1) * hidden..]);
+                outputs.push(None);
+            }
+        }
+        if !last_rows.is_empty() {
+            let vocab = self.config.vocab;
+            match self.head_rows(&last_rows) {
+                Ok(logits) => {
+                    let mut rows = logits.chunks_exact(vocab);
+                    for (s, o) in seqs.iter().zip(outputs.iter_mut()) {
+                        if o.is_none() {
+                            let l = rows.next().unwrap_or(&[]);
+                            *o = Some(Ok(match s.want {
+                                Want::Argmax => StageOutput::Token(argmax(l)),
+                                _ => StageOutput::Logits(l.to_vec()),
+                            }));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for o in outputs.iter_mut().filter(|o| o.is_none()) {
+                        *o = Some(Err(Error::Engine(msg.clone())));
+                    }
+                }
+            }
+        }
+        outputs
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(Error::Engine("no output".into()))))
+            .collect()
+    }
+}
+
+impl StageEngine for CpuEngine {
+    type Cache = CpuCache;
+
+    fn spec(&self) -> &StageSpec {
+        &self.spec
+    }
+
+    fn new_cache(&mut self, max_positions: usize) -> Result<CpuCache> {
+        CpuEngine::new_cache(self, max_positions)
+    }
+
+    fn cache_len(&self, cache: &CpuCache) -> usize {
+        cache.len
+    }
+
+    fn cache_bytes(&self, max_positions: usize) -> usize {
+        CpuEngine::cache_bytes(self, max_positions)
+    }
+
+    fn forward(
+        &mut self,
+        cache: &mut CpuCache,
+        input: StageInput<'_>,
+        want: Want,
+    ) -> Result<StageOutput> {
+        let mut items = [BatchItem { cache, input, want }];
+        self.forward_batch(&mut items)
+            .pop()
+            .unwrap_or_else(|| Err(Error::Engine("no output".into())))
+    }
+
+    fn head(&mut self, hidden: &[f32], want: Want) -> Result<StageOutput> {
+        if hidden.len() != self.config.hidden {
+            return Err(Error::Input(format!(
+                "head input has {} values, expected one row of {}",
+                hidden.len(),
+                self.config.hidden
+            )));
+        }
+        let logits = self.pool.install(|| self.head_rows(hidden))?;
+        Ok(match want {
+            Want::Argmax => StageOutput::Token(argmax(&logits)),
+            _ => StageOutput::Logits(logits),
+        })
+    }
+
+    /// All sequences' rows go through each weight matrix together; a sequence whose input is
+    /// invalid (or whose cache is full) gets its error and leaves the others unaffected.
+    fn forward_batch(&mut self, items: &mut [BatchItem<'_, CpuCache>]) -> Vec<Result<StageOutput>> {
+        let mut results: Vec<Option<Result<StageOutput>>> =
+            (0..items.len()).map(|_| None).collect();
+        let mut seqs = Vec::with_capacity(items.len());
+        let mut x = Vec::new();
+        for (index, it) in items.iter_mut().enumerate() {
+            match self.prepare(it.cache, it.input, it.want) {
+                Ok(rows) => {
+                    seqs.push(Seq {
+                        index,
+                        pos: it.cache.len,
+                        rows: rows.len() / self.config.hidden,
+                        want: it.want,
+                        cache: &mut *it.cache,
+                    });
+                    x.extend_from_slice(&rows);
+                }
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        if !seqs.is_empty() {
+            let this = &*self;
+            let outputs = this.pool.install(|| this.run(&mut seqs, x));
+            for (s, o) in seqs.iter().zip(outputs) {
+                results[s.index] = Some(o);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Engine("no output".into()))))
+            .collect()
+    }
+}
+
+/// out = x / rms(x) · weight, row by row.
+fn rmsnorm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * inv * w;
+        }
+    }
+}
+
+/// Rotate one head's vector (head_dim) by precomputed angles (head_dim / 2).
+fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = match layout {
+            RopeLayout::AdjacentPairs => (2 * i, 2 * i + 1),
+            RopeLayout::RotateHalf => (i, i + half),
+        };
+        let (x0, x1) = (x[a], x[b]);
+        x[a] = x0 * cos[i] - x1 * sin[i];
+        x[b] = x0 * sin[i] + x1 * cos[i];
+    }
+}

@@ -1,0 +1,786 @@
+//! The CPU engine's compute kernels: matrix rows in their stored format (F32, F16, BF16, Q8_0,
+//! Q4_0, Q4_1) times f32 activation rows, dequantized inside the dot product, and grouped-query
+//! attention over one KV head. Accumulation is always in f32.
+//!
+//! Each instruction set has its own module (`x86::avx512`, `x86::avx2`, `neon`, `wasm`) that
+//! supplies a handful of vector primitives (load, FMA, horizontal sum, and "dequantize one
+//! 32-value block into vectors"); the kernels themselves are written once, in
+//! [`simd_kernels!`], and expanded inside each module under that module's `target_feature`s.
+//! [`scalar`] is the plain reference every SIMD kernel is tested against and the fallback.
+//!
+//! [`Kernels`] is the run-time choice: it can only be made for an instruction set the CPU
+//! reports, which is what makes calling the `target_feature` functions sound.
+
+use mdi_core::DType;
+
+pub mod scalar;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// An instruction set the kernels are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Plain Rust, every target.
+    Scalar,
+    /// x86_64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86_64 AVX-512F (with AVX2, FMA, F16C).
+    Avx512,
+    /// aarch64 Advanced SIMD.
+    Neon,
+    /// wasm32 `simd128` (a compile-time feature of the module).
+    Simd128,
+}
+
+impl Isa {
+    /// Every instruction set, best first.
+    pub const ALL: [Isa; 5] = [Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Simd128, Isa::Scalar];
+
+    /// Lower-case name for tables and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+            Isa::Simd128 => "simd128",
+        }
+    }
+
+    /// The instruction set named `name` (as [`Isa::name`] prints it).
+    pub fn from_name(name: &str) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|i| i.name() == name)
+    }
+
+    /// Whether this CPU (or wasm module) can run the kernels of this set.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::avx2_supported(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::avx512_supported(),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Isa::Simd128 => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The kernels of one instruction set this CPU supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    // Private: a `Kernels` exists only for a supported set (see `new`), so the dispatch below
+    // never runs an instruction the CPU lacks.
+    isa: Isa,
+}
+
+// SAFETY (every `unsafe` block of the dispatch): `Kernels::new` checked at run time that the
+// CPU has the module's target features, and the callers below checked the slice lengths the
+// module's kernels rely on.
+macro_rules! dispatch {
+    ($self:expr, $f:ident ( $($arg:expr),* )) => {
+        match $self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { x86::avx512::$f($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { x86::avx2::$f($($arg),*) },
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => unsafe { neon::$f($($arg),*) },
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Isa::Simd128 => unsafe { wasm::$f($($arg),*) },
+            _ => scalar::$f($($arg),*),
+        }
+    };
+}
+
+impl Kernels {
+    /// The kernels of `isa`, if this CPU supports it.
+    pub fn new(isa: Isa) -> Option<Self> {
+        isa.supported().then_some(Self { isa })
+    }
+
+    /// The best instruction set this CPU supports.
+    pub fn best() -> Self {
+        Self::available()[0]
+    }
+
+    /// The plain reference kernels.
+    pub fn scalar() -> Self {
+        Self { isa: Isa::Scalar }
+    }
+
+    /// Every supported set, best first (ends with scalar).
+    pub fn available() -> Vec<Self> {
+        Isa::ALL.into_iter().filter_map(Self::new).collect()
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// `out[r·n + t] = row r of w · xs[t]`: `w` holds whole rows of `cols` values stored as
+    /// `dtype`, `xs` is (n, cols) and `out` (rows, n). Weights are read once for all n rows of
+    /// `xs`; a few rows are dequantized in registers, many through a small f32 panel.
+    ///
+    /// Panics if the lengths do not describe whole rows (callers size them from validated
+    /// shapes).
+    pub fn rows_dot(&self, dtype: DType, w: &[u8], cols: usize, xs: &[f32], out: &mut [f32]) {
+        let rb = row_bytes(dtype, cols);
+        assert!(
+            cols > 0 && rb > 0 && w.len().is_multiple_of(rb) && xs.len().is_multiple_of(cols),
+            "rows_dot {dtype}: {} weight bytes, {} inputs for rows of {cols}",
+            w.len(),
+            xs.len()
+        );
+        let (rows, n) = (w.len() / rb, xs.len() / cols);
+        assert_eq!(out.len(), rows * n, "rows_dot {dtype}: output size");
+        if rows == 0 || n == 0 {
+            return;
+        }
+        dispatch!(self, rows_dot(dtype, w, cols, xs, out))
+    }
+
+    /// Dequantize one row (`out.len()` values stored as `dtype` in `bytes`).
+    pub fn dequantize_row(&self, dtype: DType, bytes: &[u8], out: &mut [f32]) {
+        assert_eq!(
+            Some(bytes.len()),
+            dtype.bytes_for(out.len()),
+            "dequantize_row {dtype}: {} bytes for {} values",
+            bytes.len(),
+            out.len()
+        );
+        dispatch!(self, dequantize_row(dtype, bytes, out))
+    }
+
+    /// Dot product of two equally long f32 slices.
+    pub fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot: lengths differ");
+        dispatch!(self, dot(a, b))
+    }
+
+    /// Causal attention of the query heads sharing one KV head, for one token:
+    /// `q` (group, head_dim); `keys`, `values` (≥ positions, head_dim), rows 0..positions
+    /// visible; `scores` scratch of (group, positions); `out` (group, head_dim).
+    /// Scores are `q·k · scale`, softmaxed per head, and mix the value rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        positions: usize,
+        head_dim: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        assert!(
+            head_dim > 0 && q.len().is_multiple_of(head_dim) && positions > 0,
+            "attend: {} query values for heads of {head_dim}",
+            q.len()
+        );
+        let group = q.len() / head_dim;
+        assert!(
+            keys.len() >= positions * head_dim
+                && values.len() >= positions * head_dim
+                && scores.len() >= group * positions
+                && out.len() == q.len(),
+            "attend: buffers too small for {positions} positions"
+        );
+        dispatch!(
+            self,
+            attend(q, keys, values, positions, head_dim, scale, scores, out)
+        )
+    }
+}
+
+/// Bytes of one row of `cols` values stored as `dtype` (0 if `cols` is not whole blocks).
+pub fn row_bytes(dtype: DType, cols: usize) -> usize {
+    dtype.bytes_for(cols).unwrap_or(0)
+}
+
+/// In-place softmax, as the oracle computes it.
+pub(crate) fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    x.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// IEEE half to single precision without lookup tables or hardware conversion: the
+/// magnitude's bits shifted into place are a float 2^-112 too small (for normal and
+/// subnormal halves alike), so one multiply rescales them; infinities and NaNs get the full
+/// exponent back. Used for block scales on targets whose f16 conversion instructions Rust does
+/// not expose on stable (NEON, wasm).
+#[allow(dead_code)] // only the NEON and wasm modules call it
+#[inline]
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let mag = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits((127 + 112) << 23);
+    let mut bits = mag.to_bits();
+    if h & 0x7c00 == 0x7c00 {
+        bits |= 0x7f80_0000;
+    }
+    f32::from_bits(bits | ((h & 0x8000) << 16))
+}
+
+/// Block scales of up to [`SCALE_GROUP`] consecutive blocks of a row, converted to f32 in one
+/// pass before their blocks are dequantized: `d` the scales, `o` the offsets (Q4_1's `m`, or
+/// −8·d for Q4_0). Converting them together (a gather and one conversion on AVX-512) instead of
+/// block by block takes most of the per-block work out of the single-token dot product, and
+/// the per-block broadcasts then read memory instead of occupying a shuffle port.
+#[derive(Clone, Copy)]
+#[allow(dead_code)] // the scalar build of wasm has no SIMD module to use it
+pub(crate) struct Scales {
+    pub(crate) d: [f32; SCALE_GROUP],
+    pub(crate) o: [f32; SCALE_GROUP],
+}
+
+/// Blocks whose scales are converted together.
+pub(crate) const SCALE_GROUP: usize = 16;
+
+impl Scales {
+    #[allow(dead_code)]
+    pub(crate) const ZERO: Scales = Scales {
+        d: [0.0; SCALE_GROUP],
+        o: [0.0; SCALE_GROUP],
+    };
+
+    /// Portable conversion of `n` blocks' scales: `stride` bytes per block, the f16 scale at
+    /// offset 0 and (`with_min`) the f16 minimum at offset 2; otherwise `o` = −8·d.
+    ///
+    /// # Safety
+    /// `p` must point at `n` blocks of `stride` bytes, `n` ≤ [`SCALE_GROUP`].
+    #[allow(dead_code)] // only the NEON and wasm modules call it
+    pub(crate) unsafe fn fill_portable(
+        &mut self,
+        p: *const u8,
+        stride: usize,
+        n: usize,
+        with_min: bool,
+    ) {
+        for j in 0..n {
+            let b = p.add(j * stride);
+            let d = f16_to_f32(b.cast::<u16>().read_unaligned());
+            self.d[j] = d;
+            self.o[j] = if with_min {
+                f16_to_f32(b.add(2).cast::<u16>().read_unaligned())
+            } else {
+                -8.0 * d
+            };
+        }
+    }
+}
+
+/// The kernels, written once over a module's vector primitives. The invoking module defines:
+/// `V` (a vector of f32), `LANES`; `NB = 32 / LANES`; `NACC` (accumulators per dot product);
+/// `FUSED_R[T - 1]` rows and `FUSED_A[T - 1]` accumulators per row and token for groups of
+/// T ≤ 4 tokens dequantized in registers; `GEMM_MIN` (tokens from which rows are dequantized
+/// into an f32 panel instead) and `PANEL_R` × `PANEL_T` (the panel path's register tile:
+/// weight rows × tokens); `zero`, `splat`,
+/// `fma(a, b, c) = a·b + c`, `add`, `loadu`, `storeu`, `hsum`, `hsum4` (four at once),
+/// `prefetch` (a hint, any address);
+/// `scales_q8_0`, `scales_q4_0`, `scales_q4_1`, each filling a [`Scales`] for up to
+/// [`SCALE_GROUP`] blocks; and `blk_f32`, `blk_f16`, `blk_bf16`, `blk_q8_0`, `blk_q4_0`,
+/// `blk_q4_1`, each turning the bytes of 32 stored values (and, for the block formats, the
+/// block's converted scales) into `NB` vectors. The attributes (the module's
+/// `target_feature`s) go on every function.
+// Unused only where no SIMD module is built (wasm32 without `simd128`).
+#[allow(unused_macros)]
+macro_rules! simd_kernels {
+    ($(#[$attr:meta])*) => {
+        use mdi_core::DType;
+
+        use $crate::kernels::{Scales, SCALE_GROUP};
+
+        /// How many row groups ahead the single-token kernels prefetch.
+        const PREFETCH_GROUPS: usize = 4;
+
+        /// One storage format: how 32 values are laid out and loaded.
+        trait Block {
+            const DTYPE: DType;
+            /// Bytes of 32 values.
+            const BYTES: usize;
+            /// Convert the scales of `n` ≤ SCALE_GROUP blocks at `p` (nothing for plain floats).
+            ///
+            /// # Safety
+            /// `p` must point at `n` blocks; the CPU must have the module's features.
+            unsafe fn scales(p: *const u8, n: usize, s: &mut Scales);
+            /// The 32 values of the block at `p`, the `j`th of the group whose scales are in `s`.
+            ///
+            /// # Safety
+            /// `p` must point at `BYTES` readable bytes; the CPU must have the module's
+            /// features.
+            unsafe fn load(p: *const u8, s: &Scales, j: usize) -> [V; NB];
+        }
+
+        struct BF32;
+        struct BF16;
+        struct BBf16;
+        struct BQ8_0;
+        struct BQ4_0;
+        struct BQ4_1;
+
+        impl Block for BF32 {
+            const DTYPE: DType = DType::F32;
+            const BYTES: usize = 128;
+            #[inline]
+            unsafe fn scales(_: *const u8, _: usize, _: &mut Scales) {}
+            $(#[$attr])*
+            #[inline]
+            unsafe fn load(p: *const u8, _: &Scales, _: usize) -> [V; NB] {
+                blk_f32(p)
+            }
+        }
+        impl Block for BF16 {
+            const DTYPE: DType = DType::F16;
+            const BYTES: usize = 64;
+            #[inline]
+            unsafe fn scales(_: *const u8, _: usize, _: &mut Scales) {}
+            $(#[$attr])*
+            #[inline]
+            unsafe fn load(p: *const u8, _: &Scales, _: usize) -> [V; NB] {
+                blk_f16(p)
+            }
+        }
+        impl Block for BBf16 {
+            const DTYPE: DType = DType::BF16;
+            const BYTES: usize = 64;
+            #[inline]
+            unsafe fn scales(_: *const u8, _: usize, _: &mut Scales) {}
+            $(#[$attr])*
+            #[inline]
+            unsafe fn load(p: *const u8, _: &Scales, _: usize) -> [V; NB] {
+                blk_bf16(p)
+            }
+        }
+        impl Block for BQ8_0 {
+            const DTYPE: DType = DType::Q8_0;
+            const BYTES: usize = 34;
+            $(#[$attr])*
+            #[inline]
+            unsafe fn scales(p: *const u8, n: usize, s: &mut Scales) {
+                scales_q8_0(p, n, s)
+            }
+            $(#[$attr])*
+            #[inline]
+            unsafe fn load(p: *const u8, s: &Scales, j: usize) -> [V; NB] {
+                blk_q8_0(p, s, j)
+            }
+        }
+        impl Block for BQ4_0 {
+            const DTYPE: DType = DType::Q4_0;
+            const BYTES: usize = 18;
+            $(#[$attr])*
+            #[inline]
+            unsafe fn scales(p: *const u8, n: usize, s: &mut Scales) {
+                scales_q4_0(p, n, s)
+            }
+            $(#[$attr])*
+            #[inline]
+            unsafe fn load(p: *const u8, s: &Scales, j: usize) -> [V; NB] {
+                blk_q4_0(p, s, j)
+            }
+        }
+        impl Block for BQ4_1 {
+            const DTYPE: DType = DType::Q4_1;
+            const BYTES: usize = 20;
+            $(#[$attr])*
+            #[inline]
+            unsafe fn scales(p: *const u8, n: usize, s: &mut Scales) {
+                scales_q4_1(p, n, s)
+            }
+            $(#[$attr])*
+            #[inline]
+            unsafe fn load(p: *const u8, s: &Scales, j: usize) -> [V; NB] {
+                blk_q4_1(p, s, j)
+            }
+        }
+
+        /// See [`Kernels::rows_dot`](super::Kernels::rows_dot).
+        ///
+        /// # Safety
+        /// The CPU must have the module's features; the lengths must be as that method checks.
+        $(#[$attr])*
+        pub unsafe fn rows_dot(dtype: DType, w: &[u8], cols: usize, xs: &[f32], out: &mut [f32]) {
+            match dtype {
+                DType::F32 => rows_dot_b::<BF32>(w, cols, xs, out),
+                DType::F16 => rows_dot_b::<BF16>(w, cols, xs, out),
+                DType::BF16 => rows_dot_b::<BBf16>(w, cols, xs, out),
+                DType::Q8_0 => rows_dot_b::<BQ8_0>(w, cols, xs, out),
+                DType::Q4_0 => rows_dot_b::<BQ4_0>(w, cols, xs, out),
+                DType::Q4_1 => rows_dot_b::<BQ4_1>(w, cols, xs, out),
+            }
+        }
+
+        $(#[$attr])*
+        unsafe fn rows_dot_b<B: Block>(w: &[u8], cols: usize, xs: &[f32], out: &mut [f32]) {
+            let rb = $crate::kernels::row_bytes(B::DTYPE, cols);
+            let (rows, n) = (w.len() / rb, xs.len() / cols);
+            let (w, x, o) = (w.as_ptr(), xs.as_ptr(), out.as_mut_ptr());
+            if n >= GEMM_MIN {
+                gemm::<B>(w, rb, rows, cols, x, n, o);
+                return;
+            }
+            // Tokens in groups of up to 4, each weight block dequantized in registers once per
+            // group; several rows at once (FUSED_R, per group size) so each activation vector is
+            // loaded once for all of them, with more independent FMA chains than the FMA
+            // latency needs.
+            let mut t0 = 0;
+            while t0 < n {
+                let tn = (n - t0).min(4);
+                let (x, o) = (x.add(t0 * cols), o.add(t0));
+                match tn {
+                    1 => fused_rows::<B, { FUSED_R[0] }, 1, { FUSED_A[0] }>(w, rb, rows, cols, x, o, n),
+                    2 => fused_rows::<B, { FUSED_R[1] }, 2, { FUSED_A[1] }>(w, rb, rows, cols, x, o, n),
+                    3 => fused_rows::<B, { FUSED_R[2] }, 3, { FUSED_A[2] }>(w, rb, rows, cols, x, o, n),
+                    _ => fused_rows::<B, { FUSED_R[3] }, 4, { FUSED_A[3] }>(w, rb, rows, cols, x, o, n),
+                }
+                t0 += tn;
+            }
+        }
+
+        /// All rows, R at a time (then one at a time), against T tokens.
+        $(#[$attr])*
+        #[inline]
+        unsafe fn fused_rows<B: Block, const R: usize, const T: usize, const A: usize>(
+            w: *const u8,
+            rb: usize,
+            rows: usize,
+            cols: usize,
+            x: *const f32,
+            out: *mut f32,
+            ld: usize,
+        ) {
+            let mut r = 0;
+            while r + R <= rows {
+                fused::<B, R, T, A>(w.add(r * rb), rb, cols, x, out.add(r * ld), ld);
+                r += R;
+            }
+            while r < rows {
+                fused::<B, 1, T, A>(w.add(r * rb), rb, cols, x, out.add(r * ld), ld);
+                r += 1;
+            }
+        }
+
+        /// R stored rows (`rb` bytes apart) against T consecutive activation rows (each `cols`
+        /// long), with A accumulators per row and token: each block is dequantized once, in
+        /// registers, for all T. Writes `out[r·ld + t]`.
+        $(#[$attr])*
+        #[inline]
+        unsafe fn fused<B: Block, const R: usize, const T: usize, const A: usize>(
+            w: *const u8,
+            rb: usize,
+            cols: usize,
+            x: *const f32,
+            out: *mut f32,
+            ld: usize,
+        ) {
+            let nb = cols / 32;
+            let mut acc = [[[zero(); A]; T]; R];
+            let mut s = [Scales::ZERO; R];
+            let mut g0 = 0;
+            while g0 < nb {
+                let g = (nb - g0).min(SCALE_GROUP);
+                for r in 0..R {
+                    B::scales(w.add(r * rb + g0 * B::BYTES), g, &mut s[r]);
+                }
+                for j in 0..g {
+                    let b = g0 + j;
+                    let mut xv = [[zero(); NB]; T];
+                    for t in 0..T {
+                        for i in 0..NB {
+                            xv[t][i] = loadu(x.add(t * cols + b * 32 + i * LANES));
+                        }
+                    }
+                    for r in 0..R {
+                        let p = w.add(r * rb + b * B::BYTES);
+                        // The same block PREFETCH_GROUPS row groups ahead: decode streams the
+                        // weights once from memory, and the hardware prefetcher alone keeps too
+                        // few lines in flight while the core also dequantizes.
+                        prefetch(p.wrapping_add(PREFETCH_GROUPS * R * rb));
+                        let wv = B::load(p, &s[r], j);
+                        for t in 0..T {
+                            for i in 0..NB {
+                                acc[r][t][i % A] = fma(wv[i], xv[t][i], acc[r][t][i % A]);
+                            }
+                        }
+                    }
+                }
+                g0 += g;
+            }
+            // Fold the accumulators of each (row, token), then sum them four at a time.
+            let mut folded = [[zero(); T]; R];
+            for r in 0..R {
+                for t in 0..T {
+                    let mut v = acc[r][t][0];
+                    for i in 1..A {
+                        v = add(v, acc[r][t][i]);
+                    }
+                    folded[r][t] = v;
+                }
+            }
+            let mut sums = [[0f32; T]; R];
+            let mut k = 0;
+            while k + 4 <= R * T {
+                let idx = [k, k + 1, k + 2, k + 3];
+                let s4 = hsum4(idx.map(|i| folded[i / T][i % T]));
+                for (j, i) in idx.into_iter().enumerate() {
+                    sums[i / T][i % T] = s4[j];
+                }
+                k += 4;
+            }
+            while k < R * T {
+                sums[k / T][k % T] = hsum(folded[k / T][k % T]);
+                k += 1;
+            }
+            let done = nb * 32;
+            for r in 0..R {
+                let mut tail = [0f32; 32];
+                if done < cols {
+                    // Only plain-float rows end in a partial chunk.
+                    $crate::kernels::scalar::tail(B::DTYPE, w.add(r * rb + nb * B::BYTES), &mut tail[..cols - done]);
+                }
+                for t in 0..T {
+                    let mut sum = sums[r][t];
+                    for (j, wt) in tail[..cols - done].iter().enumerate() {
+                        sum += wt * *x.add(t * cols + done + j);
+                    }
+                    *out.add(r * ld + t) = sum;
+                }
+            }
+        }
+
+        /// Many tokens (prefill): dequantize PANEL_R rows into an f32 panel once, then run a
+        /// PANEL_R × PANEL_T register tile over all tokens.
+        $(#[$attr])*
+        unsafe fn gemm<B: Block>(w: *const u8, rb: usize, rows: usize, cols: usize, x: *const f32, n: usize, out: *mut f32) {
+            let mut buf = vec![0f32; PANEL_R * cols]; // (PANEL_R, cols)
+            let p = buf.as_mut_ptr();
+            let mut r = 0;
+            while r < rows {
+                let nr = (rows - r).min(PANEL_R);
+                for i in 0..nr {
+                    dequant_b::<B>(w.add((r + i) * rb), cols, p.add(i * cols));
+                }
+                if nr < PANEL_R {
+                    // The tile always computes PANEL_R rows; missing ones read zeros.
+                    std::ptr::write_bytes(p.add(nr * cols), 0, (PANEL_R - nr) * cols);
+                }
+                let mut t = 0;
+                while t + PANEL_T <= n {
+                    let acc = micro::<PANEL_T>(p, cols, x.add(t * cols));
+                    for i in 0..nr {
+                        out.add((r + i) * n + t).copy_from_nonoverlapping(acc[i].as_ptr(), PANEL_T);
+                    }
+                    t += PANEL_T;
+                }
+                while t < n {
+                    let acc = micro::<1>(p, cols, x.add(t * cols));
+                    for i in 0..nr {
+                        *out.add((r + i) * n + t) = acc[i][0];
+                    }
+                    t += 1;
+                }
+                r += nr;
+            }
+        }
+
+        /// PANEL_R f32 rows (`wf`, (PANEL_R, cols)) times T activation rows.
+        $(#[$attr])*
+        #[inline]
+        unsafe fn micro<const T: usize>(wf: *const f32, cols: usize, x: *const f32) -> [[f32; T]; PANEL_R] {
+            let mut acc = [[zero(); T]; PANEL_R];
+            let nv = cols / LANES;
+            for k in 0..nv {
+                let off = k * LANES;
+                let mut xv = [zero(); T];
+                for t in 0..T {
+                    xv[t] = loadu(x.add(t * cols + off));
+                }
+                for i in 0..PANEL_R {
+                    let wv = loadu(wf.add(i * cols + off));
+                    for t in 0..T {
+                        acc[i][t] = fma(wv, xv[t], acc[i][t]);
+                    }
+                }
+            }
+            let mut out = [[0f32; T]; PANEL_R];
+            for i in 0..PANEL_R {
+                if T == 4 {
+                    let s4 = hsum4([acc[i][0], acc[i][1 % T], acc[i][2 % T], acc[i][3 % T]]);
+                    out[i].copy_from_slice(&s4[..T]);
+                } else {
+                    for t in 0..T {
+                        out[i][t] = hsum(acc[i][t]);
+                    }
+                }
+            }
+            for k in nv * LANES..cols {
+                for i in 0..PANEL_R {
+                    for t in 0..T {
+                        out[i][t] += *wf.add(i * cols + k) * *x.add(t * cols + k);
+                    }
+                }
+            }
+            out
+        }
+
+        /// See [`Kernels::dequantize_row`](super::Kernels::dequantize_row).
+        ///
+        /// # Safety
+        /// The CPU must have the module's features; `bytes` must hold `out.len()` values.
+        $(#[$attr])*
+        pub unsafe fn dequantize_row(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+            let (p, n, o) = (bytes.as_ptr(), out.len(), out.as_mut_ptr());
+            match dtype {
+                DType::F32 => dequant_b::<BF32>(p, n, o),
+                DType::F16 => dequant_b::<BF16>(p, n, o),
+                DType::BF16 => dequant_b::<BBf16>(p, n, o),
+                DType::Q8_0 => dequant_b::<BQ8_0>(p, n, o),
+                DType::Q4_0 => dequant_b::<BQ4_0>(p, n, o),
+                DType::Q4_1 => dequant_b::<BQ4_1>(p, n, o),
+            }
+        }
+
+        $(#[$attr])*
+        #[inline]
+        unsafe fn dequant_b<B: Block>(p: *const u8, cols: usize, out: *mut f32) {
+            let nb = cols / 32;
+            let mut s = Scales::ZERO;
+            let mut g0 = 0;
+            while g0 < nb {
+                let g = (nb - g0).min(SCALE_GROUP);
+                B::scales(p.add(g0 * B::BYTES), g, &mut s);
+                for j in 0..g {
+                    let b = g0 + j;
+                    let w = B::load(p.add(b * B::BYTES), &s, j);
+                    for i in 0..NB {
+                        storeu(out.add(b * 32 + i * LANES), w[i]);
+                    }
+                }
+                g0 += g;
+            }
+            let done = nb * 32;
+            if done < cols {
+                let tail = std::slice::from_raw_parts_mut(out.add(done), cols - done);
+                $crate::kernels::scalar::tail(B::DTYPE, p.add(nb * B::BYTES), tail);
+            }
+        }
+
+        /// # Safety
+        /// The CPU must have the module's features; `a` and `b` must be equally long.
+        $(#[$attr])*
+        pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+            dot_ptr(a.as_ptr(), b.as_ptr(), a.len())
+        }
+
+        $(#[$attr])*
+        #[inline]
+        unsafe fn dot_ptr(a: *const f32, b: *const f32, len: usize) -> f32 {
+            let nv = len / LANES;
+            let mut acc = [zero(); NACC];
+            for k in 0..nv {
+                acc[k % NACC] = fma(loadu(a.add(k * LANES)), loadu(b.add(k * LANES)), acc[k % NACC]);
+            }
+            let mut s = acc[0];
+            for i in 1..NACC {
+                s = add(s, acc[i]);
+            }
+            let mut sum = hsum(s);
+            for k in nv * LANES..len {
+                sum += *a.add(k) * *b.add(k);
+            }
+            sum
+        }
+
+        /// y += alpha · x over `len` values.
+        $(#[$attr])*
+        #[inline]
+        unsafe fn axpy_ptr(alpha: f32, x: *const f32, y: *mut f32, len: usize) {
+            let nv = len / LANES;
+            let a = splat(alpha);
+            for k in 0..nv {
+                let yp = y.add(k * LANES);
+                storeu(yp, fma(a, loadu(x.add(k * LANES)), loadu(yp)));
+            }
+            for k in nv * LANES..len {
+                *y.add(k) += alpha * *x.add(k);
+            }
+        }
+
+        /// See [`Kernels::attend`](super::Kernels::attend).
+        ///
+        /// # Safety
+        /// The CPU must have the module's features; the lengths must be as that method checks.
+        $(#[$attr])*
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn attend(
+            q: &[f32],
+            keys: &[f32],
+            values: &[f32],
+            positions: usize,
+            hd: usize,
+            scale: f32,
+            scores: &mut [f32],
+            out: &mut [f32],
+        ) {
+            let group = q.len() / hd;
+            let n = positions;
+            // Key rows outermost: each is read once for all heads of the group.
+            for j in 0..n {
+                let k = keys.as_ptr().add(j * hd);
+                for g in 0..group {
+                    scores[g * n + j] = dot_ptr(q.as_ptr().add(g * hd), k, hd) * scale;
+                }
+            }
+            for g in 0..group {
+                $crate::kernels::softmax(&mut scores[g * n..(g + 1) * n]);
+            }
+            out.fill(0.0);
+            for j in 0..n {
+                let v = values.as_ptr().add(j * hd);
+                for g in 0..group {
+                    axpy_ptr(scores[g * n + j], v, out.as_mut_ptr().add(g * hd), hd);
+                }
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use simd_kernels;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_bit_trick_matches_half_on_every_value() {
+        for h in 0..=u16::MAX {
+            let want = half::f16::from_bits(h).to_f32();
+            let got = f16_to_f32(h);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{h:#06x}: {got} vs {want}"
+            );
+        }
+    }
+}

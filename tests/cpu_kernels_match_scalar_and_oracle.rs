@@ -1,0 +1,263 @@
+//! Every SIMD kernel of the CPU engine this machine can run (AVX-512, AVX2, NEON, simd128)
+//! computes what the scalar reference computes, and the scalar reference what the oracle
+//! computes: row·activation products for every stored format (one to 17 activation rows, so
+//! both the in-register and the panel paths), row dequantization, dot products and grouped
+//! attention, on fresh random inputs with odd sizes. A wrong nibble order, a lost tail, a
+//! mis-strided tile or a softmax over the wrong span fails here. The seed is printed.
+
+use anyhow::{ensure, Result};
+use mdi_core::oracle::{matmul, Mat};
+use mdi_core::quant::{dequantize, quantize};
+use mdi_core::sampling::Rng;
+use mdi_core::DType;
+use mdi_cpu::kernels::row_bytes;
+use mdi_cpu::Kernels;
+
+fn seed() -> u64 {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    eprintln!("seed {s}");
+    s
+}
+
+fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect()
+}
+
+fn simd_sets() -> Vec<Kernels> {
+    let sets: Vec<Kernels> = Kernels::available()
+        .into_iter()
+        .filter(|k| *k != Kernels::scalar())
+        .collect();
+    eprintln!(
+        "SIMD sets on this machine: {:?}",
+        sets.iter().map(|k| k.isa().name()).collect::<Vec<_>>()
+    );
+    sets
+}
+
+/// Columns to try for a format: whole blocks for the block formats, odd counts for floats.
+fn col_sizes(dtype: DType) -> Vec<usize> {
+    if dtype.is_quantized() {
+        vec![32, 96, 160, 576]
+    } else {
+        vec![1, 7, 33, 67, 131]
+    }
+}
+
+/// |got − want| ≤ tol · Σ|w·x| for every output: the bound of f32 rounding in any order.
+fn check_products(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    w: &[f32],
+    xs: &[f32],
+    cols: usize,
+    tol: f32,
+) -> Result<()> {
+    let n = xs.len() / cols;
+    for (i, (g, e)) in got.iter().zip(want).enumerate() {
+        let (r, t) = (i / n, i % n);
+        let scale: f32 = w[r * cols..(r + 1) * cols]
+            .iter()
+            .zip(&xs[t * cols..(t + 1) * cols])
+            .map(|(a, b)| (a * b).abs())
+            .sum();
+        ensure!(
+            (g - e).abs() <= tol * scale.max(1e-6),
+            "{what}: row {r} token {t}: {g} vs {e} (scale {scale})"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn rows_dot_matches_scalar_and_oracle_for_every_format() -> Result<()> {
+    let mut rng = Rng::new(seed());
+    let sets = simd_sets();
+    let scalar = Kernels::scalar();
+    for dtype in DType::ALL {
+        for cols in col_sizes(dtype) {
+            for rows in [1usize, 7, 37] {
+                let w = quantize(dtype, &random(&mut rng, rows * cols));
+                assert_eq!(w.len(), rows * row_bytes(dtype, cols));
+                let mut wf = vec![0f32; rows * cols];
+                dequantize(dtype, &w, &mut wf);
+                for n in [1usize, 2, 3, 4, 5, 6, 7, 9, 13, 17] {
+                    let xs = random(&mut rng, n * cols);
+                    let what = format!("{dtype} rows {rows} cols {cols} tokens {n}");
+                    // The oracle: dequantized weights, y (n, rows); ours is (rows, n).
+                    let mut oracle = vec![0f32; n * rows];
+                    matmul(
+                        &xs,
+                        &Mat {
+                            rows,
+                            cols,
+                            data: wf.clone(),
+                        },
+                        &mut oracle,
+                    );
+                    let oracle_t: Vec<f32> = (0..rows * n)
+                        .map(|i| oracle[(i % n) * rows + i / n])
+                        .collect();
+                    let mut reference = vec![0f32; rows * n];
+                    scalar.rows_dot(dtype, &w, cols, &xs, &mut reference);
+                    check_products(
+                        &format!("scalar {what}"),
+                        &reference,
+                        &oracle_t,
+                        &wf,
+                        &xs,
+                        cols,
+                        1e-5,
+                    )?;
+                    for k in &sets {
+                        let mut got = vec![f32::NAN; rows * n];
+                        k.rows_dot(dtype, &w, cols, &xs, &mut got);
+                        check_products(
+                            &format!("{} {what}", k.isa()),
+                            &got,
+                            &reference,
+                            &wf,
+                            &xs,
+                            cols,
+                            1e-5,
+                        )?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn dequantize_row_matches_the_reference_for_every_format() -> Result<()> {
+    let mut rng = Rng::new(seed());
+    for dtype in DType::ALL {
+        for cols in col_sizes(dtype) {
+            // Large values too, so f16 and bf16 rounding and the block scales are exercised.
+            let values: Vec<f32> = random(&mut rng, cols).iter().map(|v| v * 300.0).collect();
+            let bytes = quantize(dtype, &values);
+            let mut want = vec![0f32; cols];
+            dequantize(dtype, &bytes, &mut want);
+            for k in Kernels::available() {
+                let mut got = vec![f32::NAN; cols];
+                k.dequantize_row(dtype, &bytes, &mut got);
+                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                    // Q4_1 is d·q + m in one rounding (FMA) on SIMD, two in scalar.
+                    let tol = if dtype == DType::Q4_1 {
+                        w.abs() * 2e-7 + 1e-6
+                    } else {
+                        0.0
+                    };
+                    ensure!(
+                        (g - w).abs() <= tol,
+                        "{} {dtype} cols {cols} value {j}: {g} vs {w}",
+                        k.isa()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn dot_matches_scalar_on_odd_lengths() -> Result<()> {
+    let mut rng = Rng::new(seed());
+    for len in [1usize, 3, 15, 16, 17, 63, 64, 65, 577] {
+        let (a, b) = (random(&mut rng, len), random(&mut rng, len));
+        let want = Kernels::scalar().dot(&a, &b);
+        let scale: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+        for k in Kernels::available() {
+            let got = k.dot(&a, &b);
+            ensure!(
+                (got - want).abs() <= 1e-5 * scale,
+                "{} dot of {len}: {got} vs {want}",
+                k.isa()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Attention written out plainly, as the oracle does it, for one head.
+fn naive_attention(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32) -> Vec<f32> {
+    let hd = q.len();
+    let mut s: Vec<f32> = (0..n)
+        .map(|j| {
+            q.iter()
+                .zip(&keys[j * hd..(j + 1) * hd])
+                .map(|(a, b)| a * b)
+                .sum::<f32>()
+                * scale
+        })
+        .collect();
+    mdi_core::oracle::softmax(&mut s);
+    let mut out = vec![0f32; hd];
+    for (j, a) in s.iter().enumerate() {
+        for (o, v) in out.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
+            *o += a * v;
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_matches_scalar_and_the_plain_formula() -> Result<()> {
+    let mut rng = Rng::new(seed());
+    for hd in [2usize, 10, 16, 64, 66] {
+        for group in [1usize, 3] {
+            for positions in [1usize, 5, 33] {
+                let cap = positions + 3; // rows past the visible ones must not matter
+                let q = random(&mut rng, group * hd);
+                let keys = random(&mut rng, cap * hd);
+                let values = random(&mut rng, cap * hd);
+                let scale = 1.0 / (hd as f32).sqrt();
+                let want: Vec<f32> = q
+                    .chunks_exact(hd)
+                    .flat_map(|qh| naive_attention(qh, &keys, &values, positions, scale))
+                    .collect();
+                for k in Kernels::available() {
+                    let mut scores = vec![f32::NAN; group * positions];
+                    let mut out = vec![f32::NAN; group * hd];
+                    k.attend(
+                        &q,
+                        &keys,
+                        &values,
+                        positions,
+                        hd,
+                        scale,
+                        &mut scores,
+                        &mut out,
+                    );
+                    for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                        ensure!(
+                            (g - w).abs() <= 1e-5,
+                            "{} attention hd {hd} group {group} positions {positions} value {i}: {g} vs {w}",
+                            k.isa()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_best_set_is_chosen_and_every_reported_set_is_supported() {
+    let all = Kernels::available();
+    assert_eq!(all[0], Kernels::best());
+    assert_eq!(all.last().copied(), Some(Kernels::scalar()));
+    for k in &all {
+        assert!(k.isa().supported());
+        assert_eq!(mdi_cpu::Isa::from_name(k.isa().name()), Some(k.isa()));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        assert_eq!(Kernels::best().isa(), mdi_cpu::Isa::Avx512);
+    }
+}
