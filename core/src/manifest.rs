@@ -211,22 +211,33 @@ impl Manifest {
         Ok(())
     }
 
-    /// The byte ranges a stage needs, merged where they touch, sorted by file and offset.
-    pub fn ranges(&self, spec: &StageSpec) -> Result<Vec<FileRange>> {
+    /// The tensors a stage holds, in file order.
+    pub fn stage_tensors(&self, spec: &StageSpec) -> Result<Vec<&ManifestTensor>> {
         spec.validate(&self.config)?;
-        let mut ranges: Vec<FileRange> = Vec::new();
+        let mut out = Vec::new();
         for (role, layer) in stage_tensors(&self.config, spec) {
             let name = self.naming.tensor_name(role, layer);
             let t = self.tensor(&name).ok_or_else(|| Error::MissingTensor {
                 file: "model manifest".into(),
                 tensor: name.clone(),
             })?;
-            ranges.push(FileRange {
+            out.push(t);
+        }
+        out.sort_by_key(|t| (t.at.file, t.at.offset));
+        Ok(out)
+    }
+
+    /// The byte ranges a stage needs, merged where they touch, sorted by file and offset.
+    pub fn ranges(&self, spec: &StageSpec) -> Result<Vec<FileRange>> {
+        let ranges = self
+            .stage_tensors(spec)?
+            .into_iter()
+            .map(|t| FileRange {
                 file: t.at.file,
                 start: t.at.offset,
                 end: t.at.offset + t.at.len,
-            });
-        }
+            })
+            .collect();
         Ok(merge(ranges))
     }
 

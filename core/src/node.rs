@@ -434,6 +434,19 @@ impl<C> Node<C> {
         out
     }
 
+    /// Up to `max` jobs of different sequences, to run as one batch (each weight read once for
+    /// all of them); see [`next_job`](Self::next_job).
+    pub fn next_jobs(&mut self, max: usize) -> Vec<Job<C>> {
+        let mut jobs = Vec::new();
+        while jobs.len() < max.max(1) {
+            match self.next_job() {
+                Some(j) => jobs.push(j),
+                None => break,
+            }
+        }
+        jobs
+    }
+
     /// Handles a message and runs every job it makes possible on a blocking engine.
     pub fn handle_blocking<E>(&mut self, msg: &[u8], engine: &mut E) -> Vec<Vec<u8>>
     where

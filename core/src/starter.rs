@@ -354,6 +354,19 @@ impl<C> Starter<C> {
         None
     }
 
+    /// Up to `max` jobs of different sequences, to run as one batch; see
+    /// [`next_job`](Self::next_job).
+    pub fn next_jobs(&mut self, max: usize) -> Vec<Job<C>> {
+        let mut jobs = Vec::new();
+        while jobs.len() < max.max(1) {
+            match self.next_job() {
+                Some(j) => jobs.push(j),
+                None => break,
+            }
+        }
+        jobs
+    }
+
     /// Takes a finished job back; returns messages for node 1.
     pub fn complete(&mut self, done: Done<C>, events: &mut Vec<Event>) -> Vec<Vec<u8>> {
         let mut out = Vec::new();

@@ -55,6 +55,8 @@ pub struct DriverStats {
     pub sent_frames: u64,
     /// Bytes of the message carrying one decode token's activations.
     pub decode_frame_bytes: Option<usize>,
+    /// Most jobs run as one batch so far.
+    pub peak_batch: usize,
 }
 
 /// Round trips kept in [`DriverStats::rtts_ms`].
@@ -149,7 +151,10 @@ async fn recv_or_pending(inbox: Option<&mut Inbox>) -> Option<Vec<u8>> {
     }
 }
 
-async fn run_or_pending(job: &mut Option<LocalBoxFuture<'static, RuntimeDone>>) -> RuntimeDone {
+/// A batch of jobs in flight on the executor.
+type Running = Option<LocalBoxFuture<'static, Vec<RuntimeDone>>>;
+
+async fn run_or_pending(job: &mut Running) -> Vec<RuntimeDone> {
     match job.as_mut() {
         Some(f) => {
             let d = f.await;
@@ -233,11 +238,11 @@ pub async fn run_node(
     };
     let mut out = Outbox::new(next);
     let mut replies = Outbox::new(prev_back);
-    let mut running: Option<LocalBoxFuture<'static, RuntimeDone>> = None;
+    let mut running: Running = None;
     let mut pinger = Pinger::new();
     let mut back_open = true;
     enum Wake {
-        Done(RuntimeDone),
+        Done(Vec<RuntimeDone>),
         Sent(mdi_transport::Result<()>),
         Replied(mdi_transport::Result<()>),
         Back(Option<Vec<u8>>),
@@ -245,8 +250,14 @@ pub async fn run_node(
     }
     loop {
         if running.is_none() {
-            if let Some(job) = node.next_job() {
-                running = Some(exec.submit(job));
+            // Several sequences ready at once (S > N) run as one batch: each weight is read
+            // once for all of them.
+            let jobs = node.next_jobs(exec.max_batch());
+            if !jobs.is_empty() {
+                let mut s = lock(&stats);
+                s.peak_batch = s.peak_batch.max(jobs.len());
+                drop(s);
+                running = Some(exec.submit_batch(jobs));
             }
         }
         {
@@ -268,8 +279,11 @@ pub async fn run_node(
             m = prev.recv().fuse() => Wake::Msg(m),
         };
         match wake {
-            Wake::Done(done) => {
-                let msgs = node.complete(done);
+            Wake::Done(batch) => {
+                let mut msgs = Vec::new();
+                for done in batch {
+                    msgs.extend(node.complete(done));
+                }
                 if !msgs.is_empty() {
                     out.push(pinger.due());
                 }
@@ -342,7 +356,7 @@ pub async fn run_starter(
         None => (None, None),
     };
     let ring = out.is_some();
-    let mut running: Option<LocalBoxFuture<'static, RuntimeDone>> = None;
+    let mut running: Running = None;
     let mut commands_open = true;
     let mut pinger = Pinger::new();
     let mut evs = Vec::new();
@@ -361,8 +375,12 @@ pub async fn run_starter(
             s.queued = starter.queued();
         }
         if running.is_none() {
-            if let Some(job) = starter.next_job() {
-                running = Some(exec.submit(job));
+            let jobs = starter.next_jobs(exec.max_batch());
+            if !jobs.is_empty() {
+                let mut s = lock(&stats);
+                s.peak_batch = s.peak_batch.max(jobs.len());
+                drop(s);
+                running = Some(exec.submit_batch(jobs));
             }
         }
         if !commands_open
@@ -372,6 +390,12 @@ pub async fn run_starter(
         {
             if let Some(o) = &out {
                 o.link.close().await;
+            }
+            // Let the ring wind down: the last `End`s are still on their way back, and the last
+            // node must be able to deliver them. The previous node closes once the close has
+            // travelled around.
+            if let Some(p) = prev.as_mut() {
+                while p.recv().await.is_some() {}
             }
             return Ok(());
         }
@@ -388,7 +412,7 @@ pub async fn run_starter(
             }
         };
         enum Wake {
-            Done(RuntimeDone),
+            Done(Vec<RuntimeDone>),
             Sent(mdi_transport::Result<()>),
             Replied,
             Back(Option<Vec<u8>>),
@@ -406,8 +430,11 @@ pub async fn run_starter(
             }.fuse() => Wake::Cmd(c),
         };
         let msgs = match wake {
-            Wake::Done(d) => {
-                let msgs = starter.complete(d, &mut evs);
+            Wake::Done(batch) => {
+                let mut msgs = Vec::new();
+                for d in batch {
+                    msgs.extend(starter.complete(d, &mut evs));
+                }
                 lock(&stats).sending(&msgs);
                 if ring && !msgs.is_empty() {
                     if let (Some(o), Some(p)) = (out.as_mut(), pinger.due()) {

@@ -59,6 +59,24 @@ pub type RuntimeDone = Done<CacheHandle>;
 pub trait Exec {
     /// Start `job`; the future resolves when it is done. Jobs run in submission order.
     fn submit(&self, job: RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone>;
+
+    /// Start several sequences' jobs as one batch: an engine that reads each weight once for
+    /// all of them does so; results in the same order. By default they run one by one.
+    fn submit_batch(&self, jobs: Vec<RuntimeJob>) -> LocalBoxFuture<'static, Vec<RuntimeDone>> {
+        let futures: Vec<_> = jobs.into_iter().map(|j| self.submit(j)).collect();
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(futures.len());
+            for f in futures {
+                out.push(f.await);
+            }
+            out
+        })
+    }
+
+    /// Most jobs worth batching together (1: the engine gains nothing from batches).
+    fn max_batch(&self) -> usize {
+        1
+    }
     /// KV bytes one position of one sequence takes on this stage.
     fn kv_bytes_per_position(&self) -> usize;
     /// Bytes of weights the engine holds, as it allocated them.
@@ -145,6 +163,90 @@ impl<C> Caches<C> {
     }
 }
 
+impl<C> Caches<C> {
+    /// Runs `jobs` as one batch through [`StageEngine::forward_batch`] (forward jobs) and
+    /// [`StageEngine::head`] (head jobs); results in the order of `jobs`.
+    fn run_batch<E: StageEngine<Cache = C> + ?Sized>(
+        &mut self,
+        engine: &mut E,
+        jobs: Vec<RuntimeJob>,
+        owner: &Arc<dyn CacheOwner>,
+    ) -> Vec<RuntimeDone> {
+        let mut out: Vec<Option<RuntimeDone>> = (0..jobs.len()).map(|_| None).collect();
+        // (index, seq, handle, cache taken out of the map, input, want)
+        let mut forwards = Vec::new();
+        for (i, job) in jobs.into_iter().enumerate() {
+            let seq = job.seq;
+            match job.task {
+                Task::Head { hidden, want } => {
+                    out[i] = Some(Done {
+                        seq,
+                        cache: None,
+                        output: engine.head(&hidden, want),
+                    })
+                }
+                Task::Forward { cache, input, want } => {
+                    let (handle, c) = match cache {
+                        CacheSlot::Lent(h) => match self.map.remove(&h.id) {
+                            Some(c) => (h, c),
+                            None => {
+                                out[i] = Some(failed(seq, format!("cache {} is not held", h.id)));
+                                continue;
+                            }
+                        },
+                        CacheSlot::New { positions } => match engine.new_cache(positions) {
+                            Ok(c) => {
+                                let id = self.next;
+                                self.next += 1;
+                                (
+                                    CacheHandle {
+                                        id,
+                                        owner: owner.clone(),
+                                    },
+                                    c,
+                                )
+                            }
+                            Err(e) => {
+                                out[i] = Some(Done {
+                                    seq,
+                                    cache: None,
+                                    output: Err(e),
+                                });
+                                continue;
+                            }
+                        },
+                    };
+                    forwards.push((i, seq, handle, c, input, want));
+                }
+            }
+        }
+        if !forwards.is_empty() {
+            let results = {
+                let mut items: Vec<mdi_core::engine::BatchItem<'_, C>> = forwards
+                    .iter_mut()
+                    .map(|(_, _, _, c, input, want)| mdi_core::engine::BatchItem {
+                        cache: c,
+                        input: input.as_stage_input(),
+                        want: *want,
+                    })
+                    .collect();
+                engine.forward_batch(&mut items)
+            };
+            for ((i, seq, handle, c, _, _), output) in forwards.into_iter().zip(results) {
+                self.map.insert(handle.id, c);
+                out[i] = Some(Done {
+                    seq,
+                    cache: Some(handle),
+                    output,
+                });
+            }
+        }
+        out.into_iter()
+            .map(|d| d.unwrap_or_else(|| failed(0, "a batched job produced nothing".into())))
+            .collect()
+    }
+}
+
 /// Frees are queued and applied before the next job (the engine may be busy when a handle
 /// drops).
 #[derive(Default)]
@@ -164,6 +266,7 @@ impl FreeList {
 
 /// A blocking engine run in place, on the thread of the loop that submits to it.
 pub struct InlineExec<E: StageEngine> {
+    max_batch: usize,
     state: std::rc::Rc<std::cell::RefCell<(E, Caches<E::Cache>)>>,
     freed: Arc<FreeList>,
     kv_per_position: usize,
@@ -173,7 +276,18 @@ pub struct InlineExec<E: StageEngine> {
 
 impl<E: StageEngine + 'static> InlineExec<E> {
     pub fn new(engine: E, weight_bytes: u64, name: impl Into<String>) -> Self {
+        Self::with_batch(engine, weight_bytes, name, 1)
+    }
+
+    /// An executor that hands out batches of up to `max_batch` jobs to the engine.
+    pub fn with_batch(
+        engine: E,
+        weight_bytes: u64,
+        name: impl Into<String>,
+        max_batch: usize,
+    ) -> Self {
         Self {
+            max_batch: max_batch.max(1),
             kv_per_position: engine.cache_bytes(1),
             state: std::rc::Rc::new(std::cell::RefCell::new((engine, Caches::new()))),
             freed: Arc::new(FreeList::default()),
@@ -199,6 +313,29 @@ impl<E: StageEngine + 'static> Exec for InlineExec<E> {
             }
             caches.run(engine, job, &owner)
         })
+    }
+
+    fn submit_batch(&self, jobs: Vec<RuntimeJob>) -> LocalBoxFuture<'static, Vec<RuntimeDone>> {
+        let state = self.state.clone();
+        let freed = self.freed.clone();
+        Box::pin(async move {
+            let owner: Arc<dyn CacheOwner> = freed.clone();
+            let Ok(mut s) = state.try_borrow_mut() else {
+                return jobs
+                    .iter()
+                    .map(|j| failed(j.seq, "the engine is busy with another job".into()))
+                    .collect();
+            };
+            let (engine, caches) = &mut *s;
+            for id in freed.drain() {
+                caches.map.remove(&id);
+            }
+            caches.run_batch(engine, jobs, &owner)
+        })
+    }
+
+    fn max_batch(&self) -> usize {
+        self.max_batch
     }
 
     fn kv_bytes_per_position(&self) -> usize {
@@ -327,6 +464,10 @@ mod threaded {
 
     enum Msg {
         Job(RuntimeJob, futures::channel::oneshot::Sender<RuntimeDone>),
+        Batch(
+            Vec<RuntimeJob>,
+            futures::channel::oneshot::Sender<Vec<RuntimeDone>>,
+        ),
         Free(u64),
         Stop,
     }
@@ -348,6 +489,7 @@ mod threaded {
     /// ends the thread.
     pub struct ThreadedExec {
         tx: Mutex<mpsc::Sender<Msg>>,
+        max_batch: usize,
         kv_per_position: usize,
         weight_bytes: u64,
         name: String,
@@ -355,6 +497,20 @@ mod threaded {
 
     impl ThreadedExec {
         pub fn new<E>(engine: E, weight_bytes: u64, name: impl Into<String>) -> Self
+        where
+            E: StageEngine + Send + 'static,
+            E::Cache: Send,
+        {
+            Self::with_batch(engine, weight_bytes, name, 1)
+        }
+
+        /// An executor that hands out batches of up to `max_batch` jobs to the engine.
+        pub fn with_batch<E>(
+            engine: E,
+            weight_bytes: u64,
+            name: impl Into<String>,
+            max_batch: usize,
+        ) -> Self
         where
             E: StageEngine + Send + 'static,
             E::Cache: Send,
@@ -381,6 +537,10 @@ mod threaded {
                                 let done = caches.run(&mut engine, job, &owner);
                                 let _ = reply.send(done);
                             }
+                            Msg::Batch(jobs, reply) => {
+                                let done = caches.run_batch(&mut engine, jobs, &owner);
+                                let _ = reply.send(done);
+                            }
                         }
                     }
                 });
@@ -389,6 +549,7 @@ mod threaded {
             }
             Self {
                 tx: Mutex::new(tx),
+                max_batch: max_batch.max(1),
                 kv_per_position,
                 weight_bytes,
                 name,
@@ -422,6 +583,31 @@ mod threaded {
                 done.await
                     .unwrap_or_else(|_| failed(seq, "the compute thread has stopped".into()))
             })
+        }
+
+        fn submit_batch(&self, jobs: Vec<RuntimeJob>) -> LocalBoxFuture<'static, Vec<RuntimeDone>> {
+            let seqs: Vec<u64> = jobs.iter().map(|j| j.seq).collect();
+            let (reply, done) = futures::channel::oneshot::channel();
+            let sent = self
+                .tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(Msg::Batch(jobs, reply));
+            Box::pin(async move {
+                let stopped = || {
+                    seqs.iter()
+                        .map(|&s| failed(s, "the compute thread has stopped".into()))
+                        .collect()
+                };
+                if sent.is_err() {
+                    return stopped();
+                }
+                done.await.unwrap_or_else(|_| stopped())
+            })
+        }
+
+        fn max_batch(&self) -> usize {
+            self.max_batch
         }
 
         fn kv_bytes_per_position(&self) -> usize {

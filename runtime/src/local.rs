@@ -46,6 +46,8 @@ pub struct NodeStats {
     /// Bytes of weights its engine holds, as allocated (f32 for the oracle).
     pub engine_bytes: u64,
     pub kv_bytes_peak: u64,
+    /// Most sequences the node ran as one batch.
+    pub peak_batch: usize,
 }
 
 /// What a ring run produced.
@@ -283,6 +285,7 @@ pub fn run_ring(
                 weight_bytes: stored[i],
                 engine_bytes: engine_bytes[i],
                 kv_bytes_peak: s.kv_peak,
+                peak_batch: s.peak_batch,
             }
         })
         .collect();

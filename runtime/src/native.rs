@@ -25,6 +25,8 @@ use crate::protocol::MAX_CONTROL_MESSAGE;
 
 /// Longest prompt chunk a GPU stage runs in one submit.
 const GPU_MAX_BATCH: usize = 128;
+/// Most sequences the CPU engine runs as one batch (each weight read once for all).
+const CPU_MAX_BATCH: usize = 8;
 
 /// A native machine, linking over loopback when the server is on loopback and over the LAN
 /// otherwise.
@@ -34,6 +36,8 @@ pub struct NativePlatform {
     /// Where WebRTC sockets bind, and whether only loopback candidates are used.
     rtc_bind: IpAddr,
     loopback: bool,
+    /// Threads of the CPU engine (0: one per core).
+    cpu_threads: usize,
 }
 
 impl NativePlatform {
@@ -60,7 +64,14 @@ impl NativePlatform {
             gpu: OnceCell::new(),
             rtc_bind,
             loopback,
+            cpu_threads: 0,
         })
+    }
+
+    /// Threads for the CPU engine (several nodes sharing one machine split its cores).
+    pub fn with_cpu_threads(mut self, threads: usize) -> Self {
+        self.cpu_threads = threads;
+        self
     }
 
     /// A platform that shares an already opened GPU (several nodes in one process).
@@ -305,12 +316,13 @@ impl Platform for NativePlatform {
                             .into(),
                     ),
                 },
+                // A software adapter (lavapipe) is slower than the CPU engine on the same cores.
                 Backend::Auto => match self.gpu().await {
                     Some(ctx) if !ctx.is_cpu() => Ok((Backend::Gpu, ctx.info.name.clone())),
-                    _ => Ok((Backend::Oracle, cpu_name())),
+                    _ => Ok((Backend::Cpu, self.cpu_description())),
                 },
-                // The quantized CPU engine is not built yet: the oracle serves `cpu`.
-                Backend::Cpu | Backend::Oracle => Ok((Backend::Oracle, cpu_name())),
+                Backend::Cpu => Ok((Backend::Cpu, self.cpu_description())),
+                Backend::Oracle => Ok((Backend::Oracle, cpu_name())),
             }
         })
     }
@@ -332,7 +344,18 @@ impl Platform for NativePlatform {
                     let name = format!("gpu ({})", ctx.info.name);
                     Ok(Box::new(ThreadedExec::new(engine, bytes, name)) as BoxExec)
                 }
-                _ => {
+                Backend::Cpu | Backend::Auto => {
+                    let engine = mdi_cpu::CpuEngine::new(config, weights, self.cpu_threads)
+                        .map_err(|e| e.to_string())?;
+                    let bytes = engine.weight_bytes();
+                    Ok(Box::new(ThreadedExec::with_batch(
+                        engine,
+                        bytes,
+                        "cpu",
+                        CPU_MAX_BATCH,
+                    )) as BoxExec)
+                }
+                Backend::Oracle => {
                     let oracle = Oracle::new(config, weights).map_err(|e| e.to_string())?;
                     let bytes = oracle.weight_bytes();
                     Ok(Box::new(ThreadedExec::new(oracle, bytes, "oracle")) as BoxExec)
@@ -347,6 +370,21 @@ impl Platform for NativePlatform {
 
     fn rss_bytes(&self) -> Option<u64> {
         rss_bytes()
+    }
+}
+
+impl NativePlatform {
+    fn cpu_description(&self) -> String {
+        let threads = if self.cpu_threads == 0 {
+            num_cpus()
+        } else {
+            self.cpu_threads
+        };
+        format!(
+            "{}, {:?}, {threads} thread(s)",
+            cpu_name(),
+            mdi_cpu::Kernels::best().isa()
+        )
     }
 }
 
@@ -392,6 +430,8 @@ pub fn default_memory_budget() -> u64 {
 /// resolves: what `mdi node` and the server's local nodes do.
 pub fn run_node_blocking(
     opts: crate::session::NodeOptions,
+    cpu_threads: usize,
+    status: crate::session::StatusSink,
     stop: impl std::future::Future<Output = ()> + 'static,
 ) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -399,9 +439,9 @@ pub fn run_node_blocking(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let platform = NativePlatform::new(&opts.server)?;
+    let platform = NativePlatform::new(&opts.server)?.with_cpu_threads(cpu_threads);
     rt.block_on(async move {
-        crate::session::run(&platform, opts, Box::pin(stop))
+        crate::session::run(&platform, opts, status, Box::pin(stop))
             .await
             .map_err(|e| e.to_string())
     })

@@ -111,6 +111,19 @@ pub trait Platform {
 
     /// Resident memory of this process, where the platform can tell.
     fn rss_bytes(&self) -> Option<u64>;
+
+    /// Bytes stored under `key` by an earlier [`cache_put`](Self::cache_put), if this platform
+    /// keeps downloads (a browser's Cache API) and still has them.
+    fn cache_get(&self, key: String) -> LocalBoxFuture<'_, Option<Vec<u8>>> {
+        let _ = key;
+        Box::pin(async { None })
+    }
+
+    /// Keeps `bytes` under `key` for later sessions, where the platform can.
+    fn cache_put(&self, key: String, bytes: Vec<u8>) -> LocalBoxFuture<'_, ()> {
+        let _ = (key, bytes);
+        Box::pin(async {})
+    }
 }
 
 /// Parses a byte count: `1073741824`, `512M`, `2G`, `1.5GiB` (K, M, G, T in powers of 1024).

@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::channel::mpsc;
 use futures::future::{self, Either, LocalBoxFuture};
 use futures::{FutureExt, StreamExt};
-use mdi_core::manifest::{FileRange, Manifest, ManifestStore, SparseSource};
+use mdi_core::manifest::{Manifest, ManifestStore, SparseSource};
 use mdi_core::node::{Node, NodeConfig};
 use mdi_core::sampling::Rng;
 use mdi_core::starter::{Event, Finish, SeqRequest, Starter, StarterConfig};
@@ -75,6 +75,53 @@ pub enum SessionError {
 
 type Result<T, E = SessionError> = std::result::Result<T, E>;
 
+/// What a node tells its owner (the page, the command line) as it goes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Status {
+    /// The self-benchmark is done.
+    Profiled {
+        backend: String,
+        adapter: String,
+        gmacs: f64,
+    },
+    Joined {
+        id: NodeId,
+        room: String,
+    },
+    Assigned {
+        epoch: u64,
+        index: u32,
+        n_nodes: u32,
+        layers: [usize; 2],
+        starter: bool,
+    },
+    Unassigned {
+        reason: String,
+    },
+    Downloading {
+        done: u64,
+        total: u64,
+        /// Bytes found in the platform's cache rather than downloaded.
+        cached: u64,
+    },
+    Ready {
+        epoch: u64,
+    },
+    /// The current assignment failed (the node waits for the next one).
+    Failed {
+        message: String,
+    },
+}
+
+/// Receives [`Status`] updates.
+pub type StatusSink = Rc<dyn Fn(&Status)>;
+
+/// A sink that drops every update.
+pub fn no_status() -> StatusSink {
+    Rc::new(|_| {})
+}
+
 /// What the connection loop and the assignment loop share.
 struct State {
     id: NodeId,
@@ -97,6 +144,7 @@ struct Ctx<'a> {
     backend: Backend,
     tx: Rc<dyn ControlTx>,
     state: Rc<RefCell<State>>,
+    status: StatusSink,
 }
 
 /// Joins `opts.room` and serves as a ring node until the connection ends or `stop` resolves
@@ -104,6 +152,7 @@ struct Ctx<'a> {
 pub async fn run(
     platform: &dyn Platform,
     opts: NodeOptions,
+    status: StatusSink,
     stop: LocalBoxFuture<'_, ()>,
 ) -> Result<()> {
     let base = Url::parse(&opts.server).map_err(|e| SessionError::Url {
@@ -130,6 +179,11 @@ pub async fn run(
         profile.speed / 1e9,
         profile.weight_factor
     );
+    status(&Status::Profiled {
+        backend: profile.backend.clone(),
+        adapter: profile.adapter.clone(),
+        gmacs: profile.speed / 1e9,
+    });
 
     let mut ws_url = join(&base, "/ws")?;
     let scheme = if base.scheme() == "https" {
@@ -169,6 +223,10 @@ pub async fn run(
         }
     };
     tracing::info!("joined room `{}` as node {id} ({})", opts.room, opts.name);
+    status(&Status::Joined {
+        id,
+        room: opts.room.clone(),
+    });
 
     let state = Rc::new(RefCell::new(State {
         id,
@@ -178,7 +236,8 @@ pub async fn run(
         weight_bytes: 0,
         early_signals: Vec::new(),
     }));
-    let (assign_tx, assign_rx) = mpsc::unbounded::<Option<Assignment>>();
+    // An assignment, or the reason this node is left out of the ring.
+    let (assign_tx, assign_rx) = mpsc::unbounded::<Result<Assignment, String>>();
     let (signal_tx, signal_rx) = mpsc::unbounded::<(NodeId, Signal)>();
 
     let reader = {
@@ -200,11 +259,11 @@ pub async fn run(
                 };
                 match msg {
                     ToNode::Assign(a) => {
-                        let _ = assign_tx.unbounded_send(Some(a));
+                        let _ = assign_tx.unbounded_send(Ok(a));
                     }
                     ToNode::Unassigned { reason, .. } => {
                         tracing::info!("not in the ring: {reason}");
-                        let _ = assign_tx.unbounded_send(None);
+                        let _ = assign_tx.unbounded_send(Err(reason));
                     }
                     ToNode::Signal { from, signal } => {
                         let _ = signal_tx.unbounded_send((from, signal));
@@ -289,6 +348,7 @@ pub async fn run(
         backend,
         tx: tx.clone(),
         state: state.clone(),
+        status: status.clone(),
     };
     let assignments = assignment_loop(&ctx, assign_rx, signal_rx);
 
@@ -500,19 +560,23 @@ async fn self_benchmark(
 /// Waits for assignments and serves each until a newer one arrives.
 async fn assignment_loop(
     ctx: &Ctx<'_>,
-    mut assign_rx: mpsc::UnboundedReceiver<Option<Assignment>>,
+    mut assign_rx: mpsc::UnboundedReceiver<Result<Assignment, String>>,
     mut signal_rx: mpsc::UnboundedReceiver<(NodeId, Signal)>,
 ) -> Result<()> {
     let (tx, state) = (&ctx.tx, &ctx.state);
-    let mut next: Option<Option<Assignment>> = None;
+    let mut next: Option<Result<Assignment, String>> = None;
     loop {
         let current = match next.take() {
             Some(a) => a,
             None => assign_rx.next().await.ok_or(SessionError::Closed)?,
         };
-        let Some(a) = current else {
-            state.borrow_mut().commands = None;
-            continue;
+        let a = match current {
+            Ok(a) => a,
+            Err(reason) => {
+                state.borrow_mut().commands = None;
+                (ctx.status)(&Status::Unassigned { reason });
+                continue;
+            }
         };
         state.borrow_mut().epoch = a.epoch;
         let serve = serve_assignment(ctx, &a, &mut signal_rx);
@@ -525,6 +589,7 @@ async fn assignment_loop(
                     Ok(()) => tracing::info!("epoch {}: the ring stopped", a.epoch),
                     Err(e) => {
                         tracing::warn!("epoch {}: {e}", a.epoch);
+                        (ctx.status)(&Status::Failed { message: e.clone() });
                         send(
                             &**tx,
                             &ToServer::Failed {
@@ -548,10 +613,11 @@ async fn assignment_loop(
     }
 }
 
-/// Downloads `ranges` of the manifest's files, piece by piece, reporting progress.
+/// Downloads a stage's tensors, piece by piece, reporting progress; tensors the platform
+/// kept from an earlier session (a browser's Cache API) are taken from there instead.
 async fn download(
     ctx: &Ctx<'_>,
-    ranges: &[FileRange],
+    spec: &StageSpec,
     node: NodeId,
     epoch: u64,
 ) -> std::result::Result<Vec<SparseSource>, String> {
@@ -561,43 +627,64 @@ async fn download(
         .iter()
         .map(|f| SparseSource::new(f.url.clone(), f.len))
         .collect();
-    let total: u64 = ranges.iter().map(FileRange::len).sum();
-    let mut done = 0u64;
+    let tensors = manifest.stage_tensors(spec).map_err(|e| e.to_string())?;
+    let total: u64 = tensors.iter().map(|t| t.at.len).sum();
+    let (mut done, mut cached) = (0u64, 0u64);
     let mut headers = ctx.auth.clone();
     headers.push((NODE_HEADER.to_string(), node.to_string()));
-    let mut last_report = Instant::now();
-    for r in ranges {
-        let file = &manifest.files[r.file];
-        let url = base
-            .join(&file.url)
-            .map_err(|e| format!("{}: {e}", file.url))?;
-        let mut at = r.start;
-        while at < r.end {
-            let end = (at + FETCH_PIECE).min(r.end);
-            let bytes = platform
-                .fetch(url.as_str(), Some(at..end), headers.clone())
-                .await?;
-            if bytes.len() as u64 != end - at {
-                return Err(format!(
-                    "{url}: asked for bytes {at}..{end} and got {} bytes",
-                    bytes.len()
-                ));
+    let mut last_report: Option<Instant> = None;
+    for t in tensors {
+        let file = &manifest.files[t.at.file];
+        let (start, end) = (t.at.offset, t.at.offset + t.at.len);
+        // Keyed by the file's content and the byte range, so any plan reuses what it finds.
+        let key = format!("{}/{start}-{end}", file.sha256);
+        let bytes = match platform.cache_get(key.clone()).await {
+            Some(b) if b.len() as u64 == t.at.len => {
+                cached += t.at.len;
+                b
             }
-            sources[r.file]
-                .insert(at, bytes)
-                .map_err(|e| e.to_string())?;
-            done += end - at;
-            at = end;
-            if last_report.elapsed() > Duration::from_millis(200) || done == total {
-                last_report = Instant::now();
-                let p = ToServer::Progress {
-                    epoch,
-                    done,
-                    total,
-                    cached: 0,
-                };
-                ctx.tx.send(protocol::encode(&p)).await?;
+            _ => {
+                let url = base
+                    .join(&file.url)
+                    .map_err(|e| format!("{}: {e}", file.url))?;
+                let mut bytes = Vec::with_capacity(t.at.len as usize);
+                let mut at = start;
+                while at < end {
+                    let to = (at + FETCH_PIECE).min(end);
+                    let piece = platform
+                        .fetch(url.as_str(), Some(at..to), headers.clone())
+                        .await?;
+                    if piece.len() as u64 != to - at {
+                        return Err(format!(
+                            "{url}: asked for bytes {at}..{to} and got {} bytes",
+                            piece.len()
+                        ));
+                    }
+                    bytes.extend_from_slice(&piece);
+                    at = to;
+                }
+                platform.cache_put(key, bytes.clone()).await;
+                bytes
             }
+        };
+        sources[t.at.file]
+            .insert(start, bytes)
+            .map_err(|e| e.to_string())?;
+        done += t.at.len;
+        if last_report.is_none_or(|l| l.elapsed() > Duration::from_millis(200)) || done == total {
+            last_report = Some(Instant::now());
+            (ctx.status)(&Status::Downloading {
+                done,
+                total,
+                cached,
+            });
+            let p = ToServer::Progress {
+                epoch,
+                done,
+                total,
+                cached,
+            };
+            ctx.tx.send(protocol::encode(&p)).await?;
         }
     }
     Ok(sources)
@@ -626,8 +713,14 @@ async fn serve_assignment(
         spec.layers,
         if starter { " (starter)" } else { "" }
     );
-    let ranges = manifest.ranges(&spec).map_err(|e| e.to_string())?;
-    let sources = download(ctx, &ranges, id, a.epoch).await?;
+    (ctx.status)(&Status::Assigned {
+        epoch: a.epoch,
+        index: a.index,
+        n_nodes: a.n_nodes,
+        layers: a.layers,
+        starter,
+    });
+    let sources = download(ctx, &spec, id, a.epoch).await?;
     let exec: BoxExec = {
         let store = ManifestStore::new(manifest.clone(), sources).map_err(|e| e.to_string())?;
         let weights = StageWeights::load(&store, config, &spec).map_err(|e| e.to_string())?;
@@ -641,6 +734,7 @@ async fn serve_assignment(
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!("epoch {}: ready", a.epoch);
+    (ctx.status)(&Status::Ready { epoch: a.epoch });
 
     let stats: SharedStats = Arc::new(Mutex::new(DriverStats::default()));
     state.borrow_mut().stats = stats.clone();

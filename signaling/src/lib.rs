@@ -42,6 +42,8 @@ pub struct AppState {
     pub default_max_tokens: usize,
     /// Unix time the server started (the model's `created`).
     pub started: u64,
+    /// The page (`web/`: index.html, app.js, the wasm bundle in pkg/), if there is one.
+    pub web_dir: Option<std::path::PathBuf>,
     hub: Mutex<Hub>,
 }
 
@@ -59,6 +61,7 @@ impl AppState {
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            web_dir: None,
             hub: Mutex::new(hub),
         }
     }
@@ -85,10 +88,21 @@ impl AppState {
     }
 }
 
+/// The folder of the web page in this source tree (used when `--web` is not given).
+pub fn default_web_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web")
+}
+
 /// The server's routes.
 pub fn app(state: Arc<AppState>) -> Router {
+    let web = state
+        .web_dir
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from("web"));
     Router::new()
-        .route("/", get(status::page))
+        .route("/", get(status::index))
+        .route("/status", get(status::page))
+        .nest_service("/web", tower_http::services::ServeDir::new(web))
         .route("/api/ring", get(status::ring))
         .route("/ws", get(ws::upgrade))
         .route("/model/manifest", get(model::manifest))

@@ -16,6 +16,9 @@ pub fn start(
     memory_budget: u64,
     backend: Backend,
 ) {
+    // The nodes share this machine's cores.
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let threads = (cores / n.max(1)).max(1);
     for i in 1..=n {
         let opts = NodeOptions {
             server: server.to_string(),
@@ -29,7 +32,12 @@ pub fn start(
         let spawned = std::thread::Builder::new()
             .name(format!("local node {i}"))
             .spawn(move || {
-                if let Err(e) = run_node_blocking(opts, std::future::pending()) {
+                if let Err(e) = run_node_blocking(
+                    opts,
+                    threads,
+                    mdi_runtime::session::no_status(),
+                    std::future::pending(),
+                ) {
                     tracing::error!("local node {i}: {e}");
                 }
             });

@@ -56,6 +56,10 @@ struct Args {
     /// Seconds a request may wait for a ready ring before it fails.
     #[arg(long, default_value_t = 300)]
     queue_timeout: u64,
+    /// The web page's folder (index.html, app.js, and the wasm bundle built into pkg/)
+    /// [default: web/ of this source tree].
+    #[arg(long)]
+    web: Option<PathBuf>,
     /// Element type of activations between nodes: f16 halves the bytes per hop; f32 keeps
     /// every answer bit-identical to a single node's.
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
@@ -99,12 +103,23 @@ fn run(args: Args) -> Result<()> {
             WireDtype::F16
         },
     });
-    let state = Arc::new(AppState::new(
-        model,
-        hub,
-        args.token.clone(),
-        args.max_tokens.max(1),
-    ));
+    let mut state = AppState::new(model, hub, args.token.clone(), args.max_tokens.max(1));
+    let web = args.web.clone().unwrap_or_else(signaling::default_web_dir);
+    if web.join("index.html").is_file() {
+        if !web.join("pkg/node_wasm.js").is_file() {
+            tracing::warn!(
+                "{}: no browser node bundle (pkg/); build it with `npm run build` so tabs can join",
+                web.display()
+            );
+        }
+        state.web_dir = Some(web);
+    } else {
+        tracing::warn!(
+            "{}: no web page; serving the status page at /",
+            web.display()
+        );
+    }
+    let state = Arc::new(state);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

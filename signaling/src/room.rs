@@ -88,7 +88,8 @@ struct Member {
     last_seen: Instant,
     state: MemberState,
     report: NodeReport,
-    progress: (u64, u64),
+    /// Bytes done, in all, and taken from the node's own cache.
+    progress: (u64, u64, u64),
     bad_messages: u32,
     failure: Option<String>,
 }
@@ -242,7 +243,7 @@ impl Room {
         for &id in &order {
             if let Some(m) = self.members.get_mut(&id) {
                 m.state = MemberState::Assigned;
-                m.progress = (0, 0);
+                m.progress = (0, 0, 0);
             }
         }
         for id in candidates.iter().filter(|id| !order.contains(id)) {
@@ -343,7 +344,8 @@ pub struct NodeView {
     pub planned_weight_bytes: Option<u64>,
     /// Model file bytes this server sent to the node (counted here, not reported).
     pub downloaded_bytes: u64,
-    pub download: [u64; 2],
+    /// Bytes of the assignment done, in all, and found in the node's own cache.
+    pub download: [u64; 3],
     pub speed_gmacs: f64,
     pub failure: Option<String>,
 }
@@ -416,7 +418,7 @@ impl Hub {
                 last_seen: Instant::now(),
                 state: MemberState::Joined,
                 report: NodeReport::default(),
-                progress: (0, 0),
+                progress: (0, 0, 0),
                 bad_messages: 0,
                 failure: None,
             },
@@ -486,10 +488,10 @@ impl Hub {
                 epoch: e,
                 done,
                 total,
-                ..
+                cached,
             } => {
                 if Some(e) == epoch {
-                    m.progress = (done, total);
+                    m.progress = (done, total, cached);
                 }
             }
             ToServer::Ready { epoch: e } => {
@@ -676,7 +678,7 @@ impl Hub {
                     memory_budget: m.profile.memory_budget,
                     planned_weight_bytes: at.map(|(i, g)| g.plan.nodes[i].weight_bytes),
                     downloaded_bytes: served(id),
-                    download: [m.progress.0, m.progress.1],
+                    download: [m.progress.0, m.progress.1, m.progress.2],
                     speed_gmacs: m.profile.speed / 1e9,
                     failure: m.failure.clone(),
                 };

@@ -21,7 +21,17 @@ pub async fn ring(
     Json(view).into_response()
 }
 
-/// `GET /`
+/// `GET /`: the web page, or the status page when the server has no page to serve.
+pub async fn index(State(app): State<Arc<AppState>>) -> Response {
+    if let Some(dir) = &app.web_dir {
+        if let Ok(html) = tokio::fs::read_to_string(dir.join("index.html")).await {
+            return Html(html).into_response();
+        }
+    }
+    Html(PAGE).into_response()
+}
+
+/// `GET /status`: the ring as a table, without joining it.
 pub async fn page() -> Html<&'static str> {
     Html(PAGE)
 }

@@ -50,6 +50,14 @@ pub enum Error {
     #[error("peer {peer}: {what}")]
     Usage { peer: String, what: &'static str },
 
+    /// The browser's WebRTC API failed at the named step.
+    #[error("peer {peer}: the browser failed to {what}: {detail}")]
+    Browser {
+        peer: String,
+        what: &'static str,
+        detail: String,
+    },
+
     /// The WebRTC stack itself failed at the named step.
     #[cfg(not(target_family = "wasm"))]
     #[error("peer {peer}: WebRTC failed to {what}: {source}")]

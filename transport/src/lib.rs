@@ -4,13 +4,16 @@
 //! predecessor's frames from an [`Inbox`]. Both are thin handles over the [`LinkTx`] /
 //! [`LinkRx`] traits, so the node runtime is written once and runs over any transport:
 //! [`in_process`] bounded channels (tests, single-process rings), native WebRTC data channels
-//! ([`webrtc`], loopback only for now) and, later, the browser's `RTCDataChannel`.
+//! (`webrtc`) and the browser's `RTCDataChannel` (`browser`, on wasm32), which speak one wire
+//! format so tabs and native nodes link to each other.
 //!
 //! Every transport promises the same things: messages arrive whole and in order or the link
 //! reports itself closed; `send` waits (instead of buffering without bound) while too much is
 //! in flight; a message larger than [`Link::max_message_size`] is refused, because chunking
 //! frames belongs to the protocol layer, which knows where frame boundaries are.
 
+#[cfg(target_family = "wasm")]
+pub mod browser;
 mod error;
 pub mod in_process;
 mod link;
@@ -18,4 +21,8 @@ mod link;
 pub mod webrtc;
 
 pub use error::{Error, Result};
+
+/// The credit window of WebRTC links in bytes: the most a sender may have sent beyond what the
+/// receiving application has consumed. Native and browser peers must agree on it.
+pub const RECEIVE_WINDOW: usize = 2 * 1024 * 1024;
 pub use link::{BoxFuture, Inbox, Link, LinkRx, LinkTx, MaybeSend, MaybeSync};

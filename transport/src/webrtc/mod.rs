@@ -87,7 +87,7 @@ impl Default for WebRtcConfig {
             loopback_only: true,
             max_message_size: 64 * 1024,
             send_buffer_limit: 64 * 1024,
-            receive_window: 2 * 1024 * 1024,
+            receive_window: crate::RECEIVE_WINDOW,
             connect_timeout: Duration::from_secs(10),
             resolve_mdns: false,
         }

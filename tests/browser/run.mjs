@@ -1,0 +1,80 @@
+// Browser nodes, end to end, in headless Chromium: one browser process and profile per
+// simulated device, loopback only, inside a network namespace the script makes for itself.
+//
+// 1. `signaling` + 2 tabs + 1 `mdi node`: the ring forms with the tabs as nodes (`/api/ring`
+//    says "kind": "browser" for them); a chat completion through the API equals the
+//    single-node greedy answer; each tab downloaded exactly its own byte ranges (counted by the
+//    server).
+// 2. 3 tabs and no native node (a tab is the starter): the page's chat box and the API both
+//    give the single-node greedy answer; a reloaded tab takes its layers from its cache.
+// 3. No console errors on any page during the runs.
+//
+// Needs target/release/{signaling,mdi} (`cargo build --release -p signaling -p mdi`), the
+// wasm bundle (`npm run build`), Chromium at /usr/bin/chromium and `npm install`.
+
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import {
+  MDI, QUESTION, TOKEN, apiAnswer, checkDownloads, cleanup, closeAll, consoleErrors, openTab,
+  ring, singleNode, startNode, startServer, waitFor, waitReady,
+} from "./lib.mjs";
+
+const model = execFileSync(MDI, ["fetch"], { encoding: "utf8" }).trim();
+const expected = singleNode(QUESTION);
+console.log(`single-node answer: ${JSON.stringify(expected)}`);
+const t0 = Date.now();
+
+// ---- 1. Two tabs and one native node.
+{
+  const { url } = await startServer(["--model", model, "--token", TOKEN, "--min-nodes", "3", "--wire", "f32"]);
+  await openTab(url, "tab-a");
+  await openTab(url, "tab-b");
+  startNode(url, "native-1");
+  const r = await waitReady(url, 3);
+  const kinds = r.nodes.map((n) => n.kind).sort();
+  assert.deepEqual(kinds, ["browser", "browser", "native"]);
+  for (const n of r.nodes.filter((n) => n.kind === "browser")) {
+    assert.equal(n.backend, "gpu", `${n.name} runs on WebGPU`);
+  }
+  assert.equal(await apiAnswer(url, QUESTION), expected);
+  await checkDownloads(url, r);
+  console.log(`mixed ring: ok (${((Date.now() - t0) / 1000).toFixed(0)} s)`);
+  await closeAll();
+}
+
+// ---- 2. Three tabs, no native node: a tab is the starter.
+{
+  const { url } = await startServer(["--model", model, "--token", TOKEN, "--min-nodes", "3", "--wire", "f32"]);
+  const tabs = [await openTab(url, "tab-1"), await openTab(url, "tab-2"), await openTab(url, "tab-3")];
+  let r = await waitReady(url, 3);
+  assert.ok(r.nodes.every((n) => n.kind === "browser"));
+  assert.equal(r.nodes.find((n) => n.role === "starter")?.kind, "browser");
+  await checkDownloads(url, r);
+  assert.equal(await apiAnswer(url, QUESTION), expected);
+  // The page's chat box.
+  const page = tabs[0].page;
+  await page.type("#prompt", QUESTION);
+  await page.click("#send");
+  await page.waitForSelector('.msg.assistant[data-state="done"]', { timeout: 300_000 });
+  const shown = await page.$eval(".msg.assistant", (e) => e.textContent);
+  assert.equal(shown, expected);
+  // A reloaded tab rejoins and takes its layers from its cache.
+  await tabs[1].page.reload();
+  r = await waitFor("the reloaded tab in a ready ring", 300_000, async () => {
+    const x = await ring(url);
+    const t = x.nodes.find((n) => n.name === "tab-2");
+    return x.ready && x.nodes.length === 3 && t && t.state === "ready" ? x : false;
+  });
+  const t2 = r.nodes.find((n) => n.name === "tab-2");
+  const [, total, cached] = t2.download;
+  assert.ok(cached > 0, `the reloaded tab used its cache: ${JSON.stringify(t2.download)}`);
+  assert.equal(t2.downloaded_bytes, total - cached, "only what was not cached came from the server");
+  assert.equal(await apiAnswer(url, QUESTION), expected);
+  console.log(`tabs-only ring: ok (${((Date.now() - t0) / 1000).toFixed(0)} s)`);
+  await closeAll();
+}
+
+assert.deepEqual(consoleErrors, [], "no console errors");
+console.log("browser tests passed");
+cleanup();
+process.exit(0);

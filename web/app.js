@@ -1,0 +1,256 @@
+// The page: joins the room named in the URL as a ring node (no clicks needed), shows what this
+// device does, chats through the OpenAI-compatible API, and shows the ring.
+//
+// URL parameters: room, token, name, backend (auto|gpu|cpu), memory (bytes, or 512M / 2G),
+// temperature and max_tokens (for the chat box; greedy by default).
+
+const params = new URLSearchParams(location.search);
+const room = params.get("room") || "default";
+const token = params.get("token") || "";
+const $ = (id) => document.getElementById(id);
+const mb = (b) => (b == null ? "–" : (b / 1e6).toFixed(1));
+
+function parseBytes(s) {
+  if (!s) return null;
+  const m = /^([0-9.]+)\s*([kmgt]?)i?b?$/i.exec(s.trim());
+  if (!m) return null;
+  const scale = { "": 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }[m[2].toLowerCase()];
+  return Number(m[1]) * scale;
+}
+
+function defaultBudget() {
+  // navigator.deviceMemory is in GiB (Chrome, capped at 8): offer a quarter of it.
+  const gib = navigator.deviceMemory || 4;
+  return Math.max(256 * 2 ** 20, Math.min(4 * 2 ** 30, (gib * 2 ** 30) / 4));
+}
+
+function authHeaders() {
+  return token ? { authorization: `Bearer ${token}` } : {};
+}
+
+function showError(text) {
+  const e = $("device-error");
+  e.textContent = text;
+  e.hidden = false;
+}
+
+// ---- This device as a ring node.
+
+let node = null;
+
+function onStatus(json) {
+  let s;
+  try {
+    s = JSON.parse(json);
+  } catch {
+    return;
+  }
+  switch (s.type) {
+    case "profiled":
+      $("device-engine").textContent = `${s.backend} on ${s.adapter} (${s.gmacs.toFixed(2)} GMAC/s)`;
+      if (s.backend !== "gpu") {
+        $("device-status").textContent = "no usable WebGPU here: this device joins as a CPU node";
+      }
+      break;
+    case "joined":
+      $("device-status").textContent = `joined room “${s.room}” as node ${s.id}; waiting for a plan`;
+      break;
+    case "assigned":
+      $("device-role").textContent = s.starter ? "starter" : `node ${s.index} of ${s.n_nodes}`;
+      $("device-layers").textContent = `${s.layers[0]}–${s.layers[1]}`;
+      $("device-status").textContent = "downloading this device's layers";
+      break;
+    case "downloading": {
+      const p = $("download");
+      p.hidden = false;
+      p.max = s.total || 1;
+      p.value = s.done;
+      $("download-text").textContent =
+        `${mb(s.done)} of ${mb(s.total)} MB` + (s.cached ? ` (${mb(s.cached)} MB from this browser's cache)` : "");
+      break;
+    }
+    case "ready":
+      $("device-status").textContent = "ready: serving its layers";
+      $("device-status").className = "ready";
+      break;
+    case "unassigned":
+      $("device-status").textContent = `not in the ring for now: ${s.reason}`;
+      break;
+    case "failed":
+      showError(`this device's part failed: ${s.message}`);
+      break;
+    case "left":
+      $("device-status").textContent = "left the ring";
+      break;
+    case "error":
+      showError(s.message);
+      $("device-status").textContent = "stopped";
+      break;
+  }
+}
+
+async function unlockLoopbackCandidates() {
+  // Chromium gathers no loopback ICE candidates unless the page may use a media device.
+  // Only for pages served from loopback (tests, a single machine); a LAN page never asks.
+  const loopback = ["127.0.0.1", "localhost", "[::1]"].includes(location.hostname);
+  if (!loopback || !navigator.mediaDevices?.getUserMedia) return;
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    stream.getTracks().forEach((t) => t.stop());
+  } catch (e) {
+    $("device-status").textContent = `no microphone permission (${e.name}); links to other tabs may fail`;
+  }
+}
+
+async function startNode() {
+  const name = params.get("name") || `tab-${Math.floor(Math.random() * 65536).toString(16)}`;
+  $("device-name").textContent = name;
+  if (!navigator.gpu) {
+    $("device-status").textContent = "WebGPU is not available here (it needs HTTPS or localhost and a recent browser): joining as a CPU node";
+  }
+  let wasm;
+  try {
+    wasm = await import("/web/pkg/node_wasm.js");
+    await wasm.default();
+  } catch (e) {
+    showError("the browser node is not built on this server (run `npm run build`): " + e.message);
+    return;
+  }
+  await unlockLoopbackCandidates();
+  const options = {
+    server: location.origin,
+    room,
+    token,
+    name,
+    backend: params.get("backend") || "auto",
+    memory_budget: parseBytes(params.get("memory")) || defaultBudget(),
+  };
+  try {
+    node = wasm.start_node(JSON.stringify(options), onStatus);
+  } catch (e) {
+    showError(String(e.message || e));
+  }
+}
+
+addEventListener("pagehide", () => node?.leave());
+
+// ---- Chat through the API (the same path as any OpenAI client).
+
+const history = [];
+let controller = null;
+
+function bubble(role, text) {
+  const d = document.createElement("div");
+  d.className = `msg ${role}`;
+  d.textContent = text;
+  $("transcript").appendChild(d);
+  return d;
+}
+
+async function send(text) {
+  history.push({ role: "user", content: text });
+  bubble("user", text);
+  const out = bubble("assistant", "");
+  out.dataset.state = "streaming";
+  controller = new AbortController();
+  $("send").disabled = true;
+  $("stop").disabled = false;
+  const started = performance.now();
+  let chunks = 0;
+  let answer = "";
+  try {
+    const resp = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "content-type": "application/json", ...authHeaders() },
+      body: JSON.stringify({
+        model: "default",
+        messages: history,
+        stream: true,
+        temperature: Number(params.get("temperature") ?? 0),
+        max_tokens: Number(params.get("max_tokens") ?? 256),
+      }),
+      signal: controller.signal,
+    });
+    if (!resp.ok) {
+      const body = await resp.json().catch(() => ({}));
+      throw new Error(body.error?.message || `HTTP ${resp.status}`);
+    }
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const event = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data:")) continue;
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") continue;
+          const msg = JSON.parse(data);
+          if (msg.error) throw new Error(msg.error.message);
+          const delta = msg.choices?.[0]?.delta?.content;
+          if (delta) {
+            answer += delta;
+            chunks += 1;
+            out.textContent = answer;
+            const s = (performance.now() - started) / 1000;
+            $("chat-speed").textContent = `${chunks} pieces in ${s.toFixed(1)} s (${(chunks / s).toFixed(1)}/s)`;
+          }
+        }
+      }
+    }
+  } catch (e) {
+    if (e.name !== "AbortError") out.textContent = answer + `\n[${e.message}]`;
+  } finally {
+    history.push({ role: "assistant", content: answer });
+    out.dataset.state = "done";
+    controller = null;
+    $("send").disabled = false;
+    $("stop").disabled = true;
+  }
+}
+
+$("chat-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text || controller) return;
+  $("prompt").value = "";
+  send(text);
+});
+$("stop").addEventListener("click", () => controller?.abort());
+
+// ---- The ring.
+
+async function refreshRing() {
+  try {
+    const r = await (await fetch(`/api/ring?room=${encodeURIComponent(room)}`)).json();
+    const s = $("ring-status");
+    s.textContent = (r.ready ? "ring ready" : `ring not ready: ${r.status}`) +
+      ` — ${r.model}, ${r.nodes.length} nodes, ${r.sequences.in_flight} sequences in flight`;
+    s.className = r.ready ? "ready" : "muted";
+    const rows = r.nodes.map((n) => {
+      const cells = [n.name, n.kind, n.role ?? "–", n.layers ? `${n.layers[0]}–${n.layers[1]}` : "–", n.state,
+        n.backend, n.tok_s.toFixed(1), n.rtt_ms == null ? "–" : n.rtt_ms.toFixed(2), mb(n.weight_bytes),
+        mb(n.kv_bytes), mb(n.downloaded_bytes)];
+      const tr = document.createElement("tr");
+      cells.forEach((c, i) => {
+        const td = document.createElement("td");
+        td.textContent = c;
+        if (i >= 6) td.className = "n";
+        tr.appendChild(td);
+      });
+      return tr;
+    });
+    $("nodes").replaceChildren(...rows);
+  } catch {
+    $("ring-status").textContent = "the server is not answering";
+  }
+}
+
+refreshRing();
+setInterval(refreshRing, 1000);
+startNode();
