@@ -142,7 +142,8 @@ fn a_kv_cap_applies_backpressure_instead_of_running_out() {
         .map(|r| r.prompt_tokens.len() + r.max_tokens)
         .max()
         .unwrap();
-    let per_seq = mdi_core::StageEngine::cache_bytes(expected_ring.nodes[0].engine(), longest);
+    let per_seq =
+        mdi_core::StageEngine::cache_bytes(expected_ring.nodes[0].engine(), longest) as u64;
     let cap = 2 * per_seq;
     let mut ring = build_ring_with_kv_cap(&store, &config, 2, 5, WireDtype::F32, 4096, cap);
     let out = ring.run(reqs());

@@ -58,8 +58,8 @@ pub fn generate<E: StageEngine + ?Sized>(
         max_message: usize::MAX,
         context: req.context,
         in_flight: 1,
-        kv_bytes_per_position: engine.cache_bytes(1),
-        kv_cap_bytes: usize::MAX,
+        kv_bytes_per_position: engine.cache_bytes(1) as u64,
+        kv_cap_bytes: u64::MAX,
     });
     starter.submit(
         0,

@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 
+/// Largest dimension (hidden size, heads, vocabulary, context...) a configuration may state.
+pub const MAX_DIM: usize = 1 << 24;
+/// Most layers a configuration may state.
+pub const MAX_LAYERS: usize = 1 << 12;
+
 /// How RoPE pairs up the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RopeLayout {
@@ -76,6 +81,44 @@ impl Config {
         ] {
             if v == 0 {
                 return bad(format!("{name} is 0"));
+            }
+        }
+        // Files and manifests come from anywhere: bound every dimension so that the products
+        // engines and planners compute (checked below) cannot wrap, on 32-bit targets too.
+        for (name, v, max) in [
+            ("layers", self.n_layers, MAX_LAYERS),
+            ("hidden size", self.hidden, MAX_DIM),
+            ("heads", self.n_heads, MAX_DIM),
+            ("KV heads", self.n_kv_heads, MAX_DIM),
+            ("head size", self.head_dim, MAX_DIM),
+            ("FFN size", self.ffn, MAX_DIM),
+            ("vocabulary", self.vocab, MAX_DIM),
+            ("context", self.context, MAX_DIM),
+        ] {
+            if v > max {
+                return bad(format!("{name} {v} is more than the {max} supported"));
+            }
+        }
+        let product = |a: usize, b: usize| (a as u64).checked_mul(b as u64);
+        let fits = |v: Option<u64>| v.is_some_and(|v| usize::try_from(v).is_ok());
+        let q = product(self.n_heads, self.head_dim);
+        let kv = product(self.n_kv_heads, self.head_dim);
+        for (name, v) in [
+            ("query width", q),
+            (
+                "query projection",
+                q.and_then(|q| q.checked_mul(self.hidden as u64)),
+            ),
+            ("KV width", kv),
+            (
+                "KV cache of one layer",
+                kv.and_then(|kv| kv.checked_mul(self.context as u64)),
+            ),
+            ("FFN matrix", product(self.ffn, self.hidden)),
+            ("embedding", product(self.vocab, self.hidden)),
+        ] {
+            if !fits(v) {
+                return bad(format!("the {name} has too many values for this machine"));
             }
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {

@@ -8,6 +8,11 @@
 //!
 //! Shapes in this crate are row-major (outer axis first): GGUF's `[576, 192]` for `attn_k`
 //! becomes `[192, 576]`, a matrix of 192 rows (outputs) by 576 columns (inputs).
+//!
+//! A file may come from anywhere, so no count or length in it drives an allocation before the
+//! bytes behind it are there: arrays grow as their elements are read (an element takes at least
+//! its own size in the file), strings and metadata values are capped ([`MAX_STRING`],
+//! [`MAX_VALUES`]), and every offset and size is checked `u64` arithmetic, also on wasm32.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +25,15 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// Header bytes fetched per read: a few requests cover a large vocabulary over HTTP.
 const CHUNK: u64 = 1 << 20;
 const MAX_DIMS: u32 = 4;
+/// Longest string in a header (a chat template is a few KiB; a token a few bytes).
+pub const MAX_STRING: u64 = 16 << 20;
+/// Most metadata values in all, array elements included (a 256k vocabulary with its merges
+/// and token types is under a million). Each costs about 32 bytes in memory.
+pub const MAX_VALUES: u64 = 8 << 20;
+/// Most tensors in a table.
+pub const MAX_TENSORS: u64 = 1 << 20;
+/// Array elements reserved ahead of reading them.
+const RESERVE_AHEAD: u64 = 4096;
 
 /// A metadata value, one variant per GGUF value type.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,8 +132,12 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// Values in the tensor (saturating: the reader already refused tables that overflow).
     pub fn n_elements(&self) -> usize {
-        self.shape.iter().product()
+        self.shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .unwrap_or(usize::MAX)
     }
 }
 
@@ -142,6 +160,8 @@ struct Cursor<'a, S: ByteSource + ?Sized> {
     pos: u64,
     buf: Vec<u8>,
     buf_start: u64,
+    /// Metadata values read so far, against [`MAX_VALUES`].
+    values: u64,
 }
 
 impl<'a, S: ByteSource + ?Sized> Cursor<'a, S> {
@@ -151,6 +171,7 @@ impl<'a, S: ByteSource + ?Sized> Cursor<'a, S> {
             pos: 0,
             buf: Vec::new(),
             buf_start: 0,
+            values: 0,
         }
     }
 
@@ -168,15 +189,22 @@ impl<'a, S: ByteSource + ?Sized> Cursor<'a, S> {
                 len: self.src.len(),
             });
         }
-        let buf_end = self.buf_start + self.buf.len() as u64;
+        let buf_end = self.buf_start.saturating_add(self.buf.len() as u64);
         if self.pos < self.buf_start || end > buf_end {
             let len = n.max(CHUNK).min(self.src.len() - self.pos);
             self.buf = self.src.read_vec(self.pos, len, what)?;
             self.buf_start = self.pos;
         }
+        // Both fit the buffer, which is in memory, so they fit a usize.
         let start = (self.pos - self.buf_start) as usize;
+        let stop = start.saturating_add(n as usize);
         self.pos = end;
-        Ok(&self.buf[start..start + n as usize])
+        self.buf.get(start..stop).ok_or_else(|| {
+            Error::format(
+                self.src.name(),
+                format!("{what}: {n} bytes do not fit in memory"),
+            )
+        })
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
@@ -196,6 +224,12 @@ impl<'a, S: ByteSource + ?Sized> Cursor<'a, S> {
     fn string(&mut self, what: &str) -> Result<String> {
         let len = self.u64(what)?;
         let file = self.src.name().to_string();
+        if len > MAX_STRING {
+            return Err(Error::format(
+                &file,
+                format!("{what} is a string of {len} bytes, more than the {MAX_STRING} allowed"),
+            ));
+        }
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec())
             .map_err(|_| Error::format(&file, format!("{what} is not valid UTF-8")))
@@ -203,6 +237,13 @@ impl<'a, S: ByteSource + ?Sized> Cursor<'a, S> {
 
     fn value(&mut self, type_id: u32, key: &str, depth: u32) -> Result<Value> {
         let what = || format!("metadata value `{key}`");
+        self.values += 1;
+        if self.values > MAX_VALUES {
+            return Err(Error::format(
+                self.src.name(),
+                format!("metadata `{key}`: more than {MAX_VALUES} values in the header"),
+            ));
+        }
         Ok(match type_id {
             0 => Value::U8(self.array::<1>(&what())?[0]),
             1 => Value::I8(self.array::<1>(&what())?[0] as i8),
@@ -231,17 +272,20 @@ impl<'a, S: ByteSource + ?Sized> Cursor<'a, S> {
                 }
                 let elem = self.u32(&what())?;
                 let count = self.u64(&what())?;
-                // Every element takes at least one byte: a count past the file is garbage, and
-                // checking it first keeps a corrupt count from driving a huge allocation.
-                if count > self.remaining() {
+                // Every element takes at least its smallest encoding in the file: a count the
+                // rest of the file cannot hold is garbage.
+                let min = min_encoded_bytes(elem);
+                if count > self.remaining() / min {
                     return Err(Error::Truncated {
                         file: self.src.name().to_string(),
                         what: format!("metadata array `{key}` of {count} elements"),
-                        needed: self.pos.saturating_add(count),
+                        needed: self.pos.saturating_add(count.saturating_mul(min)),
                         len: self.src.len(),
                     });
                 }
-                let mut items = Vec::with_capacity(count as usize);
+                // A value in memory is several times its bytes in the file: reserve only a
+                // little ahead and let the vector grow with what is actually read.
+                let mut items = Vec::with_capacity(count.min(RESERVE_AHEAD) as usize);
                 for _ in 0..count {
                     items.push(self.value(elem, key, depth + 1)?);
                 }
@@ -257,6 +301,20 @@ impl<'a, S: ByteSource + ?Sized> Cursor<'a, S> {
                 ))
             }
         })
+    }
+}
+
+/// The fewest bytes an element of GGUF type `type_id` takes in a file (1 for unknown types,
+/// which fail when read).
+fn min_encoded_bytes(type_id: u32) -> u64 {
+    match type_id {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 => 8,  // the length of an empty string
+        9 => 12, // the type and count of an empty array
+        10..=12 => 8,
+        _ => 1,
     }
 }
 
@@ -300,6 +358,12 @@ impl Gguf {
                 }
             },
         };
+        if n_tensors > MAX_TENSORS {
+            return Err(Error::format(
+                &file,
+                format!("{n_tensors} tensors, more than the {MAX_TENSORS} allowed"),
+            ));
+        }
         // Each table entry takes at least 24 bytes; a larger count is garbage.
         if n_tensors > cur.remaining() / 24 {
             return Err(Error::Truncated {
@@ -331,7 +395,12 @@ impl Gguf {
             let offset = cur.u64(&format!("offset of tensor `{name}`"))?;
             raw.push((name, shape, type_id, offset));
         }
-        let data_start = cur.pos.div_ceil(alignment) * alignment;
+        let data_start = cur.pos.checked_next_multiple_of(alignment).ok_or_else(|| {
+            Error::format(
+                &file,
+                format!("alignment {alignment} passes the end of any file"),
+            )
+        })?;
 
         let mut tensors = Vec::with_capacity(raw.len());
         let mut index = BTreeMap::new();
@@ -341,9 +410,10 @@ impl Gguf {
                 tensor: name.clone(),
                 dtype: format!("GGML type {type_id}"),
             })?;
+            // In u64: a tensor too large for a 32-bit address space is still described right.
             let n = shape
                 .iter()
-                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
                 .ok_or_else(|| Error::format(&file, format!("tensor `{name}` is too large")))?;
             if shape.last().is_some_and(|&c| c % dtype.block_len() != 0) {
                 return Err(Error::format(
@@ -355,10 +425,9 @@ impl Gguf {
                     ),
                 ));
             }
-            let n_bytes = dtype
-                .bytes_for(n)
-                .ok_or_else(|| Error::format(&file, format!("tensor `{name}` is too large")))?
-                as u64;
+            let n_bytes = (n / dtype.block_len() as u64)
+                .checked_mul(dtype.block_bytes() as u64)
+                .ok_or_else(|| Error::format(&file, format!("tensor `{name}` is too large")))?;
             if offset % alignment != 0 {
                 return Err(Error::format(
                     &file,

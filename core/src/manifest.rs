@@ -7,8 +7,9 @@
 //! in a [`SparseSource`], and loads its stage through a [`ManifestStore`] exactly as it would
 //! from the whole file.
 //!
-//! A manifest comes from the network, so [`Manifest::validate`] checks every size against the
-//! tensor's type and shape and every range against its file before anything is allocated.
+//! A manifest comes from the network, so [`Manifest::validate`] checks the configuration, every
+//! tensor's shape against it, every size against the tensor's type and shape and every range
+//! against its file (checked `u64` sums) before anything is allocated.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -68,7 +69,7 @@ pub struct FileRange {
 
 impl FileRange {
     pub fn len(&self) -> u64 {
-        self.end - self.start
+        self.end.saturating_sub(self.start)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -176,6 +177,21 @@ impl Manifest {
                 self.config.n_layers
             )));
         }
+        // Tensors the model uses must have the shapes its configuration implies: a node sizes
+        // its downloads by them before it can check anything else.
+        let whole = StageSpec::whole(&self.config);
+        for (role, layer) in stage_tensors(&self.config, &whole) {
+            let name = self.naming.tensor_name(role, layer);
+            if let Some(t) = self.tensor(&name) {
+                let want = role.shape(&self.config);
+                if t.shape != want {
+                    return Err(bad(format!(
+                        "tensor `{name}` has shape {:?}, expected {want:?}",
+                        t.shape
+                    )));
+                }
+            }
+        }
         for t in self.all() {
             let n = t
                 .shape
@@ -235,7 +251,7 @@ impl Manifest {
             .map(|t| FileRange {
                 file: t.at.file,
                 start: t.at.offset,
-                end: t.at.offset + t.at.len,
+                end: t.at.offset.saturating_add(t.at.len),
             })
             .collect();
         Ok(merge(ranges))
@@ -243,7 +259,10 @@ impl Manifest {
 
     /// Bytes a stage downloads.
     pub fn stage_bytes(&self, spec: &StageSpec) -> Result<u64> {
-        Ok(self.ranges(spec)?.iter().map(FileRange::len).sum())
+        Ok(self
+            .ranges(spec)?
+            .iter()
+            .fold(0u64, |a, r| a.saturating_add(r.len())))
     }
 }
 

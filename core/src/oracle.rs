@@ -98,7 +98,10 @@ impl Oracle {
 
     /// An empty cache for `max_positions` positions of this stage's layers.
     pub fn new_cache(&self, max_positions: usize) -> KvCache {
-        let size = self.config.n_kv_heads * max_positions * self.config.head_dim;
+        // Positions are bounded by the context, whose product with the KV width the
+        // configuration checked; saturate regardless so a bad count fails to allocate instead
+        // of wrapping to a small cache.
+        let size = self.config.kv_dim().saturating_mul(max_positions);
         let n = self.weights.layers.len();
         KvCache {
             k: vec![vec![0.0; size]; n],
@@ -206,11 +209,7 @@ impl Oracle {
 
     /// Bytes of a cache for `max_positions` positions.
     pub fn cache_bytes(&self, max_positions: usize) -> usize {
-        2 * 4
-            * self.weights.layers.len()
-            * self.config.n_kv_heads
-            * max_positions
-            * self.config.head_dim
+        kv_cache_bytes(&self.config, self.weights.layers.len(), max_positions)
     }
 
     /// One transformer block over all tokens in `x` (n_tokens, hidden), in place.
@@ -403,4 +402,16 @@ pub fn matmul(x: &[f32], w: &Mat, y: &mut [f32]) {
             y[t * w.rows + r] = dot(&x[t * w.cols..(t + 1) * w.cols], wr);
         }
     }
+}
+
+/// Bytes of f32 keys and values for `layers` layers of `max_positions` positions, computed in
+/// `u64` and saturated to `usize` (which is 32 bits on wasm32), so an oversized request reads
+/// as more memory than any cap rather than wrapping to a small number.
+pub fn kv_cache_bytes(config: &Config, layers: usize, max_positions: usize) -> usize {
+    let bytes = [layers, config.n_kv_heads, config.head_dim, max_positions]
+        .iter()
+        .try_fold(8u64, |a, &d| a.checked_mul(d as u64));
+    bytes
+        .and_then(|b| usize::try_from(b).ok())
+        .unwrap_or(usize::MAX)
 }

@@ -48,7 +48,7 @@ pub struct LocalNode<E: StageEngine> {
 
 impl<E: StageEngine> LocalNode<E> {
     /// Bytes held by the node's KV caches now, and at most so far.
-    pub fn kv_bytes(&self) -> (usize, usize) {
+    pub fn kv_bytes(&self) -> (u64, u64) {
         self.node.kv_bytes()
     }
 

@@ -34,7 +34,14 @@ pub trait ByteSource {
                 len: self.len(),
             });
         }
-        let mut buf = vec![0u8; len as usize];
+        // On wasm32 a range of the file can be larger than the address space.
+        let n = usize::try_from(len).map_err(|_| Error::Read {
+            source_name: self.name().to_string(),
+            start: offset,
+            end,
+            reason: format!("{what}: {len} bytes do not fit in memory"),
+        })?;
+        let mut buf = vec![0u8; n];
         self.read_at(offset, &mut buf)?;
         Ok(buf)
     }

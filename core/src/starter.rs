@@ -73,9 +73,9 @@ pub struct StarterConfig {
     /// Sequences in flight at once.
     pub in_flight: usize,
     /// KV bytes one position of one sequence takes on the starter's layers.
-    pub kv_bytes_per_position: usize,
+    pub kv_bytes_per_position: u64,
     /// Cap on the starter's KV bytes: admission waits while the next sequence would pass it.
-    pub kv_cap_bytes: usize,
+    pub kv_cap_bytes: u64,
 }
 
 enum Slot<C> {
@@ -93,7 +93,7 @@ struct Seq<C> {
     /// Position of the next token to feed.
     pos: usize,
     positions: usize,
-    bytes: usize,
+    bytes: u64,
     /// Tokens of the running feed job.
     feeding: Option<usize>,
 }
@@ -113,15 +113,18 @@ pub struct Starter<C> {
     ready: VecDeque<(u64, Pending)>,
     reassembler: Reassembler,
     next_seq: u64,
-    kv_used: usize,
-    kv_peak: usize,
+    kv_used: u64,
+    kv_peak: u64,
     tokens: u64,
+    /// Messages from the last node that could not be read.
+    garbage: u64,
 }
 
 impl<C> Starter<C> {
     pub fn new(cfg: StarterConfig) -> Self {
         Self {
-            reassembler: Reassembler::new(cfg.hidden, 1),
+            // Only single-token activations come back, one per sequence at a time.
+            reassembler: Reassembler::new(cfg.hidden, 1, 2),
             cfg,
             seqs: HashMap::new(),
             by_id: HashMap::new(),
@@ -131,7 +134,13 @@ impl<C> Starter<C> {
             kv_used: 0,
             kv_peak: 0,
             tokens: 0,
+            garbage: 0,
         }
+    }
+
+    /// Messages from the last node that could not be read.
+    pub fn garbage(&self) -> u64 {
+        self.garbage
     }
 
     pub fn config(&self) -> &StarterConfig {
@@ -164,7 +173,7 @@ impl<C> Starter<C> {
     }
 
     /// Bytes held by this node's KV caches now, and at most so far.
-    pub fn kv_bytes(&self) -> (usize, usize) {
+    pub fn kv_bytes(&self) -> (u64, u64) {
         (self.kv_used, self.kv_peak)
     }
 
@@ -200,10 +209,16 @@ impl<C> Starter<C> {
     pub fn handle(&mut self, msg: &[u8], events: &mut Vec<Event>) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         match wire::decode(msg) {
-            Err(e) => events.push(Event::NodeError {
-                node: 0,
-                message: e.to_string(),
-            }),
+            Err(e) => {
+                self.garbage += 1;
+                // Reported thinned out (1st, 2nd, 4th...) so garbage cannot flood the events.
+                if self.garbage.is_power_of_two() {
+                    events.push(Event::NodeError {
+                        node: 0,
+                        message: format!("{e} ({} unreadable messages so far)", self.garbage),
+                    })
+                }
+            }
             Ok(Message::Control(Control::Error { seq, node, message })) => match seq {
                 Some(seq) if self.seqs.contains_key(&seq) => {
                     let msg = format!("node {node}: {message}");
@@ -220,8 +235,16 @@ impl<C> Starter<C> {
                 if self.seqs.contains_key(&seq) {
                     match self.reassembler.push(chunk) {
                         Err(e) => self.finish(seq, Finish::Error(e.to_string()), &mut out, events),
-                        Ok(None) => {}
-                        Ok(Some(act)) => self.returned(act, &mut out, events),
+                        Ok(pushed) => {
+                            if let Some(old) = pushed.dropped {
+                                let e = "its returning activation was dropped: too many were \
+                                         half received at once";
+                                self.finish(old, Finish::Error(e.into()), &mut out, events);
+                            }
+                            if let Some(act) = pushed.done {
+                                self.returned(act, &mut out, events);
+                            }
+                        }
                     }
                 }
                 // Otherwise the sequence already ended (cancelled, or an error overtook it).
@@ -265,9 +288,13 @@ impl<C> Starter<C> {
                 });
                 continue;
             }
-            // The last generated token is never fed back, so it needs no position.
-            let positions = (n + req.max_tokens - 1).min(self.cfg.context);
-            let bytes = positions.saturating_mul(self.cfg.kv_bytes_per_position);
+            // The last generated token is never fed back, so it needs no position. A `Start`
+            // carries positions as u32.
+            let positions = n
+                .saturating_add(req.max_tokens - 1)
+                .min(self.cfg.context)
+                .min(u32::MAX as usize);
+            let bytes = (positions as u64).saturating_mul(self.cfg.kv_bytes_per_position);
             if bytes > self.cfg.kv_cap_bytes {
                 fail(
                     events,
@@ -279,7 +306,7 @@ impl<C> Starter<C> {
                 );
                 continue;
             }
-            if self.kv_used + bytes > self.cfg.kv_cap_bytes {
+            if self.kv_used.saturating_add(bytes) > self.cfg.kv_cap_bytes {
                 // Wait for a running sequence to free its cache.
                 self.waiting.push_front((id, req));
                 break;

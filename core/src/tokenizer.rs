@@ -4,7 +4,7 @@
 //! vocabulary, merges, token types and pre-tokenizer name in their metadata instead, and
 //! [`Tokenizer::from_gguf`] builds the same byte-level BPE from them. Special tokens written in
 //! a prompt (`<|im_start|>`) become single ids. Chat prompts are rendered from the model's own
-//! Jinja template.
+//! Jinja template, with bounded instructions and output (the messages come from API callers).
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -198,9 +198,49 @@ impl Tokenizer {
     }
 }
 
+/// Template instructions one rendering may run: a real chat template spends tens per
+/// message, so this bounds the time a looping template can take, not real conversations.
+pub const TEMPLATE_FUEL: u64 = 4_000_000;
+
+/// The most bytes a rendered prompt may have: a template adds markup around the messages, so
+/// a few times the input and a fixed allowance; past it a template is looping, not rendering.
+pub fn max_rendered_bytes(template: &str, messages: &[(&str, &str)]) -> usize {
+    let input = messages.iter().fold(template.len(), |a, (r, c)| {
+        a.saturating_add(r.len()).saturating_add(c.len())
+    });
+    input.saturating_mul(4).saturating_add(64 << 10)
+}
+
+/// Writes into memory until a limit, then fails: what stops a template from printing without
+/// end.
+struct Bounded {
+    out: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len().saturating_add(buf.len()) > self.limit {
+            return Err(std::io::Error::other(format!(
+                "the rendered prompt passes {} bytes",
+                self.limit
+            )));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Render a Jinja chat template over `(role, content)` messages with a generation prompt.
+/// Messages come from API callers and templates from model files, so rendering is bounded:
+/// [`TEMPLATE_FUEL`] instructions and [`max_rendered_bytes`] of output.
 pub fn render_chat(template: &str, messages: &[(&str, &str)], bos: Option<&str>) -> Result<String> {
     let mut env = minijinja::Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     // Templates written for Python's Jinja call string methods such as `.strip()`.
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
@@ -214,17 +254,27 @@ pub fn render_chat(template: &str, messages: &[(&str, &str)], bos: Option<&str>)
     );
     env.add_template("chat", template)
         .map_err(|e| Error::ChatTemplate(e.to_string()))?;
+    let limit = max_rendered_bytes(template, messages);
     let messages: Vec<_> = messages
         .iter()
         .map(|(role, content)| minijinja::context! { role => role, content => content })
         .collect();
+    let mut out = Bounded {
+        out: Vec::new(),
+        limit,
+    };
     env.get_template("chat")
         .and_then(|t| {
-            t.render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => true,
-                bos_token => bos.unwrap_or(""),
-            })
+            t.render_captured_to(
+                minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => true,
+                    bos_token => bos.unwrap_or(""),
+                },
+                &mut out,
+            )
         })
-        .map_err(|e| Error::ChatTemplate(e.to_string()))
+        .map_err(|e| Error::ChatTemplate(e.to_string()))?;
+    String::from_utf8(out.out)
+        .map_err(|_| Error::ChatTemplate("the template rendered invalid UTF-8".into()))
 }

@@ -1,7 +1,9 @@
 //! Where a stage's weights come from. A [`TensorStore`] names tensors in its own format
 //! (GGUF `blk.3.attn_q.weight`, Hugging Face `model.layers.3.self_attn.q_proj.weight`) and
 //! reads their raw bytes; [`StageWeights::load`] asks only for the tensors of one stage, so a
-//! ring node reads only its own layers.
+//! ring node reads only its own layers. Files are not trusted: every tensor's shape is checked
+//! against the configuration and its byte count against its type and shape before an engine
+//! sees it, and offsets are checked `u64` sums.
 
 use std::ops::Range;
 
@@ -121,6 +123,24 @@ impl Naming {
     }
 }
 
+impl Role {
+    /// The row-major shape the configuration implies for this role's tensor.
+    pub fn shape(self, c: &Config) -> Vec<usize> {
+        let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
+        match self {
+            Role::Embed | Role::Head => vec![c.vocab, h],
+            Role::OutputNorm | Role::AttnNorm | Role::FfnNorm => vec![h],
+            Role::Wq => vec![q, h],
+            Role::Wk | Role::Wv => vec![kv, h],
+            Role::Wo => vec![h, q],
+            Role::Bq => vec![q],
+            Role::Bk | Role::Bv => vec![kv],
+            Role::Gate | Role::Up => vec![f, h],
+            Role::Down => vec![h, f],
+        }
+    }
+}
+
 /// Where a tensor's stored bytes are: which file of the store, and the byte range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TensorLocation {
@@ -169,8 +189,13 @@ pub struct RawTensor {
 }
 
 impl RawTensor {
+    /// Values in the tensor (saturating: shapes are checked against the configuration, whose
+    /// products are checked, before a tensor is read).
     pub fn n_elements(&self) -> usize {
-        self.shape.iter().product()
+        self.shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .unwrap_or(usize::MAX)
     }
 
     /// Rows of a matrix (outputs), or 1 for a vector.
@@ -299,7 +324,32 @@ impl StageWeights<RawTensor> {
                     actual,
                 });
             }
+            // Engines index rows block by block: a file whose byte count or row length does
+            // not match its type would otherwise fail deep inside a kernel.
+            let cols = actual.last().copied().unwrap_or(0);
+            let n = actual.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let want = n.and_then(|n| dtype.bytes_for(n));
+            if !cols.is_multiple_of(dtype.block_len()) || want.is_none() {
+                return Err(Error::format(
+                    store.file(),
+                    format!(
+                        "tensor `{name}` ({dtype}): rows of {cols} values are not whole blocks \
+                         of {}",
+                        dtype.block_len()
+                    ),
+                ));
+            }
             let bytes = store.read(&name)?;
+            if Some(bytes.len()) != want {
+                return Err(Error::format(
+                    store.file(),
+                    format!(
+                        "tensor `{name}` ({dtype}, shape {actual:?}) holds {} bytes, expected {}",
+                        bytes.len(),
+                        want.unwrap_or(0)
+                    ),
+                ));
+            }
             Ok(RawTensor {
                 name,
                 dtype,
@@ -428,12 +478,12 @@ impl<S: ByteSource> SafetensorsStore<S> {
                 Error::format(source.name(), format!("bad safetensors header: {e}"))
             })?;
             let data_start = 8 + n;
-            let end = data_start + metadata.data_len() as u64;
-            if end > source.len() {
+            let end = data_start.checked_add(metadata.data_len() as u64);
+            if end.is_none_or(|e| e > source.len()) {
                 return Err(Error::Truncated {
                     file: source.name().to_string(),
                     what: "safetensors data".into(),
-                    needed: end,
+                    needed: end.unwrap_or(u64::MAX),
                     len: source.len(),
                 });
             }
@@ -510,11 +560,15 @@ impl<S: ByteSource> TensorStore for SafetensorsStore<S> {
                 format!("tensor `{name}` ends before it starts"),
             ));
         }
-        file.source.read_vec(
-            file.data_start + start as u64,
-            (end - start) as u64,
-            &format!("tensor `{name}`"),
-        )
+        // Offsets are checked against the file when it is opened; stay checked regardless.
+        let at = file.data_start.checked_add(start as u64).ok_or_else(|| {
+            Error::format(
+                file.source.name(),
+                format!("tensor `{name}` starts past any file"),
+            )
+        })?;
+        file.source
+            .read_vec(at, (end - start) as u64, &format!("tensor `{name}`"))
     }
 
     fn locate(&self, name: &str) -> Option<TensorLocation> {
@@ -526,7 +580,7 @@ impl<S: ByteSource> TensorStore for SafetensorsStore<S> {
         let (start, end) = info.data_offsets;
         Some(TensorLocation {
             file: i,
-            offset: self.files[i].data_start + start as u64,
+            offset: self.files[i].data_start.checked_add(start as u64)?,
             len: end.checked_sub(start)? as u64,
         })
     }

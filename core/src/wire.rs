@@ -25,6 +25,10 @@
 //!
 //! Decoding checks every length against the header and the node's own limits, rejects unknown
 //! versions and kinds, and never allocates more than the declared, bounded activation size.
+//! Sizes are computed in checked `u64` on every target (a `u32 × u32 × 4` product overflows
+//! even 64 bits, and `usize` is 32 bits on wasm32). Control messages are small on both ends:
+//! [`decode`] refuses one over [`MAX_CONTROL_BYTES`] and [`encode_control`] shortens an error's
+//! text so the message always fits, so a node can forward any control message it accepted.
 
 use std::collections::HashMap;
 
@@ -37,8 +41,12 @@ pub const VERSION: u8 = 1;
 const KIND_ACTIVATION: u8 = 1;
 const KIND_CONTROL: u8 = 2;
 pub const HEADER_BYTES: usize = 32;
-/// Control messages are small; anything larger is garbage.
-pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
+/// Largest control message, both bytes of header included. Every control message is small;
+/// anything larger is garbage. Far below any link's message limit, so a forwarded control
+/// message always fits the next hop.
+pub const MAX_CONTROL_BYTES: usize = 4 * 1024;
+/// Longest error text [`encode_control`] sends, in bytes; longer texts are cut.
+pub const MAX_ERROR_TEXT: usize = 1024;
 
 /// Element type of activations on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -134,9 +142,18 @@ pub struct Chunk<'a> {
 }
 
 impl Chunk<'_> {
-    /// Bytes of the whole activation this chunk belongs to.
-    pub fn total_bytes(&self) -> u64 {
-        self.n_tokens as u64 * self.hidden as u64 * self.dtype.size() as u64
+    /// Bytes of the whole activation this chunk belongs to on the wire, if that fits a `u64`.
+    pub fn total_bytes(&self) -> Option<u64> {
+        (self.n_tokens as u64)
+            .checked_mul(self.hidden as u64)?
+            .checked_mul(self.dtype.size() as u64)
+    }
+
+    /// Bytes the whole activation takes once decoded to f32, if that fits a `u64`.
+    pub fn f32_bytes(&self) -> Option<u64> {
+        (self.n_tokens as u64)
+            .checked_mul(self.hidden as u64)?
+            .checked_mul(4)
     }
 }
 
@@ -191,16 +208,16 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>> {
                 offset: u32_at(bytes, 24),
                 payload: &bytes[HEADER_BYTES..],
             };
-            let len = u32_at(bytes, 28) as usize;
-            if len != chunk.payload.len() {
+            let len = u32_at(bytes, 28) as u64;
+            if len != chunk.payload.len() as u64 {
                 return Err(wire_err(format!(
                     "activation chunk declares {len} payload bytes but carries {}",
                     chunk.payload.len()
                 )));
             }
-            let end = chunk.offset as u64 + len as u64;
-            if end > chunk.total_bytes() || !len.is_multiple_of(dtype.size()) || chunk.n_tokens == 0
-            {
+            let end = chunk.offset as u64 + len;
+            let fits = chunk.total_bytes().is_some_and(|total| end <= total);
+            if !fits || !len.is_multiple_of(dtype.size() as u64) || chunk.n_tokens == 0 {
                 return Err(wire_err(format!(
                     "activation chunk at bytes {}..{end} does not fit {} tokens × {} ({:?})",
                     chunk.offset, chunk.n_tokens, chunk.hidden, dtype
@@ -209,10 +226,13 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>> {
             Ok(Message::Activation(chunk))
         }
         KIND_CONTROL => {
-            let body = &bytes[2..];
-            if body.len() > MAX_CONTROL_BYTES {
-                return Err(wire_err(format!("{}-byte control message", body.len())));
+            if bytes.len() > MAX_CONTROL_BYTES {
+                return Err(wire_err(format!(
+                    "{}-byte control message exceeds the limit of {MAX_CONTROL_BYTES} bytes",
+                    bytes.len()
+                )));
             }
+            let body = &bytes[2..];
             serde_json::from_slice(body)
                 .map(Message::Control)
                 .map_err(|e| wire_err(format!("bad control message: {e}")))
@@ -221,12 +241,44 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>> {
     }
 }
 
-/// Encode a control message.
+/// Encode a control message. The result never exceeds [`MAX_CONTROL_BYTES`]: an error's text
+/// is cut to [`MAX_ERROR_TEXT`] bytes, and further if escaping makes it longer than that.
 pub fn encode_control(c: &Control) -> Vec<u8> {
-    let mut out = vec![VERSION, KIND_CONTROL];
-    // Serialising our own enum cannot fail.
-    out.extend(serde_json::to_vec(c).unwrap_or_default());
-    out
+    let encode = |c: &Control| {
+        let mut out = vec![VERSION, KIND_CONTROL];
+        // Serialising our own enum cannot fail.
+        out.extend(serde_json::to_vec(c).unwrap_or_default());
+        out
+    };
+    let Control::Error { seq, node, message } = c else {
+        // Every other variant is a few numbers: far below the limit.
+        return encode(c);
+    };
+    let mut limit = MAX_ERROR_TEXT;
+    loop {
+        let out = encode(&Control::Error {
+            seq: *seq,
+            node: *node,
+            message: truncate(message, limit),
+        });
+        if out.len() <= MAX_CONTROL_BYTES || limit == 0 {
+            return out;
+        }
+        // JSON escapes a control character as six bytes: halve until it fits.
+        limit /= 2;
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// Encode an activation (n_tokens, hidden) as chunks of at most `max_message` bytes each.
@@ -284,25 +336,49 @@ struct Partial {
     first_pos: u32,
     n_tokens: u32,
     dtype: WireDtype,
-    received: usize,
-    total: usize,
+    /// Wire bytes received, and in all.
+    received: u64,
+    total: u64,
+    /// f32 bytes of the whole activation, charged against [`Reassembler::held_bytes`] from the
+    /// first chunk on.
+    charge: u64,
+    /// When its first chunk came (a counter): the oldest is dropped first.
+    since: u64,
     data: Vec<f32>,
 }
 
+/// What one chunk did.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    /// The whole activation, when this chunk was its last.
+    pub done: Option<Activation>,
+    /// The sequence whose half-received activation was dropped to make room (the oldest).
+    pub dropped: Option<u64>,
+}
+
 /// Joins activation chunks into whole activations, checking them against this node's hidden
-/// size and token limit so a garbage header cannot make it allocate without bound.
+/// size and token limit so a garbage header cannot make it allocate without bound. At most
+/// `max_partials` activations are half-received at once (one peer sends frames of one
+/// activation in order, so more is a peer gone wrong): past it the oldest is dropped and
+/// reported. Memory follows the bytes received, never more than a whole activation each.
 pub struct Reassembler {
     hidden: usize,
     max_tokens: usize,
+    max_partials: usize,
     partial: HashMap<u64, Partial>,
+    clock: u64,
+    held: u64,
 }
 
 impl Reassembler {
-    pub fn new(hidden: usize, max_tokens: usize) -> Self {
+    pub fn new(hidden: usize, max_tokens: usize, max_partials: usize) -> Self {
         Self {
             hidden,
             max_tokens,
+            max_partials: max_partials.max(1),
             partial: HashMap::new(),
+            clock: 0,
+            held: 0,
         }
     }
 
@@ -323,48 +399,119 @@ impl Reassembler {
         Ok(())
     }
 
+    /// Whether an activation of `seq` is half-received.
+    pub fn has_partial(&self, seq: u64) -> bool {
+        self.partial.contains_key(&seq)
+    }
+
+    /// f32 bytes of the whole activations being received, counted from their first chunk.
+    pub fn held_bytes(&self) -> u64 {
+        self.held
+    }
+
+    /// Half-received activations.
+    pub fn partials(&self) -> usize {
+        self.partial.len()
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Partial> {
+        let p = self.partial.remove(&seq)?;
+        self.held -= p.charge;
+        Some(p)
+    }
+
     /// Add a chunk; returns the activation when its last chunk arrives.
-    pub fn push(&mut self, chunk: Chunk<'_>) -> Result<Option<Activation>> {
+    pub fn push(&mut self, chunk: Chunk<'_>) -> Result<Pushed> {
         self.check(&chunk)?;
-        let total = chunk.total_bytes() as usize;
-        let p = self.partial.entry(chunk.seq).or_insert_with(|| Partial {
-            first_pos: chunk.first_pos,
-            n_tokens: chunk.n_tokens,
-            dtype: chunk.dtype,
-            received: 0,
-            total,
-            // Grown as chunks arrive: memory follows the bytes actually received, not the
-            // size a header claims.
-            data: Vec::new(),
-        });
+        let (Some(total), Some(charge)) = (chunk.total_bytes(), chunk.f32_bytes()) else {
+            return Err(wire_err(format!(
+                "sequence {}: activation size overflows",
+                chunk.seq
+            )));
+        };
+        let mut pushed = Pushed::default();
+        if !self.partial.contains_key(&chunk.seq) {
+            if chunk.offset != 0 {
+                return Err(wire_err(format!(
+                    "sequence {}: chunk at offset {} of an activation whose start never came",
+                    chunk.seq, chunk.offset
+                )));
+            }
+            if self.partial.len() >= self.max_partials {
+                let oldest = self
+                    .partial
+                    .iter()
+                    .min_by_key(|(_, p)| p.since)
+                    .map(|(&s, _)| s);
+                if let Some(s) = oldest {
+                    self.remove(s);
+                    pushed.dropped = Some(s);
+                }
+            }
+            self.clock += 1;
+            self.held += charge;
+            self.partial.insert(
+                chunk.seq,
+                Partial {
+                    first_pos: chunk.first_pos,
+                    n_tokens: chunk.n_tokens,
+                    dtype: chunk.dtype,
+                    received: 0,
+                    total,
+                    charge,
+                    since: self.clock,
+                    // Grown as chunks arrive: memory follows the bytes actually received, not
+                    // the size a header claims.
+                    data: Vec::new(),
+                },
+            );
+        }
+        let Some(p) = self.partial.get_mut(&chunk.seq) else {
+            return Err(wire_err(format!(
+                "sequence {}: lost its activation",
+                chunk.seq
+            )));
+        };
         let same = p.first_pos == chunk.first_pos
             && p.n_tokens == chunk.n_tokens
             && p.dtype == chunk.dtype
-            && p.received == chunk.offset as usize;
+            && p.received == chunk.offset as u64;
         if !same {
-            self.partial.remove(&chunk.seq);
+            self.remove(chunk.seq);
             return Err(wire_err(format!(
                 "sequence {}: chunk at offset {} does not continue the activation in progress",
                 chunk.seq, chunk.offset
             )));
         }
-        to_f32(chunk.dtype, chunk.payload, &mut p.data);
-        p.received += chunk.payload.len();
-        if p.received < p.total {
-            return Ok(None);
+        // Grow by doubling, but never past the whole activation.
+        let elems = chunk.payload.len() / chunk.dtype.size();
+        let whole = usize::try_from(charge / 4).unwrap_or(usize::MAX);
+        let need = p.data.len().saturating_add(elems);
+        if need > p.data.capacity() {
+            let target = need
+                .max(p.data.capacity().saturating_mul(2))
+                .min(whole.max(need));
+            p.data.reserve_exact(target - p.data.len());
         }
-        let p = self.partial.remove(&chunk.seq).expect("entry exists");
-        Ok(Some(Activation {
-            seq: chunk.seq,
-            first_pos: p.first_pos,
-            n_tokens: p.n_tokens,
-            data: p.data,
-        }))
+        to_f32(chunk.dtype, chunk.payload, &mut p.data);
+        p.received += chunk.payload.len() as u64;
+        if p.received < p.total {
+            return Ok(pushed);
+        }
+        if let Some(p) = self.remove(chunk.seq) {
+            pushed.done = Some(Activation {
+                seq: chunk.seq,
+                first_pos: p.first_pos,
+                n_tokens: p.n_tokens,
+                data: p.data,
+            });
+        }
+        Ok(pushed)
     }
 
     /// Forget a half-received activation (its sequence ended or failed).
     pub fn drop_sequence(&mut self, seq: u64) {
-        self.partial.remove(&seq);
+        self.remove(seq);
     }
 }
 
@@ -388,15 +535,17 @@ mod tests {
             let data = values(7 * 96, 3);
             let frames = encode_activation(42, 5, 96, &data, dtype, max);
             assert!(frames.iter().all(|f| f.len() <= max));
-            let mut r = Reassembler::new(96, 64);
+            let mut r = Reassembler::new(96, 64, 2);
             let mut done = None;
             for f in &frames {
                 let Message::Activation(c) = decode(f).unwrap() else {
                     panic!()
                 };
                 assert!(done.is_none());
-                done = r.push(c).unwrap();
+                assert!(r.held_bytes() == 0 || r.held_bytes() == 7 * 96 * 4);
+                done = r.push(c).unwrap().done;
             }
+            assert_eq!(r.held_bytes(), 0);
             let a = done.expect("complete");
             assert_eq!((a.seq, a.first_pos, a.n_tokens), (42, 5, 7));
             let tol = if dtype == WireDtype::F32 {
@@ -456,7 +605,7 @@ mod tests {
                 }
             }
             if let Ok(Message::Activation(c)) = decode(&m) {
-                let _ = Reassembler::new(64, 16).push(c);
+                let _ = Reassembler::new(64, 16, 2).push(c);
             }
         }
         assert!(decode(&[]).is_err());
@@ -473,6 +622,88 @@ mod tests {
         let Message::Activation(c) = decode(&huge).unwrap() else {
             panic!()
         };
-        assert!(Reassembler::new(64, 16).push(c).is_err());
+        assert!(Reassembler::new(64, 16, 2).push(c).is_err());
+    }
+
+    #[test]
+    fn past_the_partial_limit_the_oldest_half_activation_is_dropped() {
+        // Three sequences each send the first of several chunks: the third push drops the
+        // first sequence's half activation, and memory held stays within two activations.
+        let mut r = Reassembler::new(64, 16, 2);
+        let one = 16 * 64 * 4;
+        for seq in 1..=3u64 {
+            let frames = encode_activation(seq, 0, 64, &values(16 * 64, seq), WireDtype::F16, 256);
+            let Message::Activation(c) = decode(&frames[0]).unwrap() else {
+                panic!()
+            };
+            let pushed = r.push(c).unwrap();
+            assert!(pushed.done.is_none());
+            assert_eq!(pushed.dropped, (seq == 3).then_some(1));
+            assert!(r.held_bytes() <= 2 * one, "{} held", r.held_bytes());
+        }
+        assert_eq!(r.partials(), 2);
+        assert!(!r.has_partial(1) && r.has_partial(2) && r.has_partial(3));
+        // A chunk that does not start an activation never evicts anything.
+        let frames = encode_activation(4, 0, 64, &values(16 * 64, 4), WireDtype::F16, 256);
+        let Message::Activation(c) = decode(&frames[1]).unwrap() else {
+            panic!()
+        };
+        let e = r.push(c).unwrap_err().to_string();
+        assert!(e.contains("start never came"), "{e}");
+        assert_eq!(r.partials(), 2);
+    }
+
+    #[test]
+    fn sizes_that_overflow_64_bits_are_refused() {
+        let good = encode_activation(1, 0, 64, &values(64, 2), WireDtype::F32, 1 << 16);
+        let mut m = good[0].clone();
+        m[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        m[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+        // 4 billion tokens of 4 billion values of 4 bytes pass 2^64: refused, not wrapped.
+        let e = decode(&m).unwrap_err().to_string();
+        assert!(e.contains("does not fit"), "{e}");
+        let c = Chunk {
+            dtype: WireDtype::F32,
+            seq: 1,
+            first_pos: 0,
+            n_tokens: u32::MAX,
+            hidden: u32::MAX,
+            offset: 0,
+            payload: &[],
+        };
+        assert_eq!((c.total_bytes(), c.f32_bytes()), (None, None));
+        let mut r = Reassembler::new(u32::MAX as usize, usize::MAX, 2);
+        let e = r.push(c).unwrap_err().to_string();
+        assert!(e.contains("overflows"), "{e}");
+        assert_eq!(r.held_bytes(), 0);
+    }
+
+    #[test]
+    fn control_messages_are_size_limited_on_both_ends() {
+        // An error text of any length and content still encodes within the limit.
+        for text in ["x".repeat(100_000), "\u{1}".repeat(5000), "é".repeat(3000)] {
+            let m = encode_control(&Control::Error {
+                seq: Some(u64::MAX),
+                node: u32::MAX,
+                message: text.clone(),
+            });
+            assert!(m.len() <= MAX_CONTROL_BYTES, "{} bytes", m.len());
+            let Ok(Message::Control(Control::Error { message, .. })) = decode(&m) else {
+                panic!("decodes")
+            };
+            assert!(message.len() <= MAX_ERROR_TEXT && message.ends_with('…'));
+            assert!(text.starts_with(message.trim_end_matches('…')));
+        }
+        let mut big = vec![VERSION, KIND_CONTROL];
+        big.extend(
+            format!(
+                "{{\"type\":\"end\",\"seq\":1,\"pad\":\"{}\"}}",
+                "x".repeat(5000)
+            )
+            .bytes(),
+        );
+        let e = decode(&big).unwrap_err().to_string();
+        assert!(e.contains("exceeds the limit of 4096 bytes"), "{e}");
+        assert_eq!(truncate("short", 10), "short");
     }
 }

@@ -262,7 +262,7 @@ impl CpuEngine {
 
     /// Bytes of a cache for `max_positions` positions.
     pub fn cache_bytes(&self, max_positions: usize) -> usize {
-        2 * 4 * self.layers.len() * self.config.n_kv_heads * max_positions * self.config.head_dim
+        mdi_core::oracle::kv_cache_bytes(&self.config, self.layers.len(), max_positions)
     }
 
     /// Check one sequence's call and turn its input into hidden rows (n_tokens, hidden).

@@ -988,8 +988,7 @@ impl GpuEngine {
     /// Bytes of GPU memory a cache of `max_positions` positions takes: f32 keys and values,
     /// (n_kv_heads, max_positions, head_dim) per layer.
     pub fn kv_cache_bytes(&self, max_positions: usize) -> usize {
-        let c = &self.config;
-        2 * 4 * self.layers.len() * c.n_kv_heads * max_positions * c.head_dim
+        mdi_core::oracle::kv_cache_bytes(&self.config, self.layers.len(), max_positions)
     }
 
     pub fn new_gpu_cache(&mut self, max_positions: usize) -> Result<GpuCache> {
@@ -997,7 +996,9 @@ impl GpuEngine {
         if max_positions == 0 {
             return Err(Error::args("engine", "a cache needs at least one position"));
         }
-        let bytes = (c.n_kv_heads * max_positions * c.head_dim * 4) as u64;
+        let bytes = (c.kv_dim() as u64)
+            .saturating_mul(max_positions as u64)
+            .saturating_mul(4);
         if bytes > self.ctx.max_binding_bytes() {
             return Err(Error::Limit {
                 what: format!(

@@ -9,7 +9,11 @@
 //! the hop's round trip.
 //!
 //! Memory stays bounded although frames are read eagerly: each sequence has at most one
-//! activation anywhere in the ring, and both state machines bound their sequences.
+//! activation anywhere in the ring, and both state machines bound their sequences. Against a
+//! peer that does not play by those rules: a node stops reading its previous node while more
+//! than [`OUT_HIGH_BYTES`] wait to go to the next one (the starter always reads, so the ring
+//! cannot deadlock on it), replies wait in a short queue, and a message a link refuses as too
+//! large is dropped with a warning instead of ending the loop.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -27,6 +31,10 @@ use crate::exec::{CacheHandle, Exec, RuntimeDone};
 
 /// Seconds between round-trip pings on a busy link.
 const PING_EVERY_S: f64 = 0.5;
+/// A node reads no more from its previous node while this many bytes wait for the next link.
+pub const OUT_HIGH_BYTES: usize = 8 << 20;
+/// Pongs waiting for a previous node that does not read them; more are dropped.
+const MAX_REPLIES: usize = 16;
 
 /// The ends a ring position holds.
 #[derive(Default)]
@@ -57,6 +65,14 @@ pub struct DriverStats {
     pub decode_frame_bytes: Option<usize>,
     /// Most jobs run as one batch so far.
     pub peak_batch: usize,
+    /// Messages from the previous node that could not be read or tied to a live sequence.
+    pub garbage: u64,
+    /// The last such message's error.
+    pub last_garbage: Option<String>,
+    /// Bytes of activations the state machine holds (received, not yet run).
+    pub held_bytes: u64,
+    /// Messages dropped because a link refused them as too large.
+    pub oversized: u64,
 }
 
 /// Round trips kept in [`DriverStats::rtts_ms`].
@@ -100,7 +116,11 @@ pub enum DriverError {
 struct Outbox {
     link: Link,
     queue: VecDeque<Vec<u8>>,
-    sending: Option<LocalBoxFuture<'static, mdi_transport::Result<()>>>,
+    /// Bytes in `queue` and in flight.
+    bytes: usize,
+    sending: Option<LocalBoxFuture<'static, (usize, mdi_transport::Result<()>)>>,
+    /// Messages the link refused as too large, dropped.
+    oversized: u64,
 }
 
 impl Outbox {
@@ -108,12 +128,17 @@ impl Outbox {
         Self {
             link,
             queue: VecDeque::new(),
+            bytes: 0,
             sending: None,
+            oversized: 0,
         }
     }
 
     fn push(&mut self, msgs: impl IntoIterator<Item = Vec<u8>>) {
-        self.queue.extend(msgs);
+        for m in msgs {
+            self.bytes += m.len();
+            self.queue.push_back(m);
+        }
         self.start();
     }
 
@@ -121,7 +146,8 @@ impl Outbox {
         if self.sending.is_none() {
             if let Some(m) = self.queue.pop_front() {
                 let link = self.link.clone();
-                self.sending = Some(Box::pin(async move { link.send(m).await }));
+                let len = m.len();
+                self.sending = Some(Box::pin(async move { (len, link.send(m).await) }));
             }
         }
     }
@@ -130,14 +156,24 @@ impl Outbox {
         self.sending.is_none() && self.queue.is_empty()
     }
 
-    /// Resolves when the send in flight finishes (never, if none is).
+    /// Resolves when the send in flight finishes (never, if none is). A message the link
+    /// refuses as too large is dropped (the state machines size theirs to the link, so this is
+    /// a bug or a peer's oversized control message, and it must not end the loop).
     async fn sent(&mut self) -> mdi_transport::Result<()> {
         match self.sending.as_mut() {
             Some(f) => {
-                let r = f.await;
+                let (len, r) = f.await;
                 self.sending = None;
+                self.bytes -= len;
                 self.start();
-                r
+                match r {
+                    Err(e @ mdi_transport::Error::MessageTooLarge { .. }) => {
+                        tracing::warn!("dropped a message: {e}");
+                        self.oversized += 1;
+                        Ok(())
+                    }
+                    r => r,
+                }
             }
             None => futures::future::pending().await,
         }
@@ -265,18 +301,26 @@ pub async fn run_node(
             let st = node.stats();
             let mut s = lock(&stats);
             s.tokens = st.tokens;
-            s.kv_bytes = st.kv_bytes as u64;
-            s.kv_peak = st.kv_peak as u64;
+            s.kv_bytes = st.kv_bytes;
+            s.kv_peak = st.kv_peak;
             s.sequences = st.sequences;
             s.peak_sequences = s.peak_sequences.max(st.sequences);
             s.queued = st.queued;
+            s.held_bytes = st.held_bytes;
+            s.oversized = out.oversized + replies.oversized;
+            if st.garbage != s.garbage {
+                s.garbage = st.garbage;
+                s.last_garbage = node.garbage().1.map(str::to_string);
+            }
         }
+        // Backpressure on the previous node while the next one is slow to take our output.
+        let reading = out.bytes <= OUT_HIGH_BYTES;
         let wake = futures::select_biased! {
             d = run_or_pending(&mut running).fuse() => Wake::Done(d),
             r = out.sent().fuse() => Wake::Sent(r),
             r = replies.sent().fuse() => Wake::Replied(r),
             m = recv_or_pending(back_open.then_some(&mut next_back)).fuse() => Wake::Back(m),
-            m = prev.recv().fuse() => Wake::Msg(m),
+            m = recv_or_pending(reading.then_some(&mut prev)).fuse() => Wake::Msg(m),
         };
         match wake {
             Wake::Done(batch) => {
@@ -299,7 +343,8 @@ pub async fn run_node(
             Wake::Replied(r) => {
                 // A previous node that stopped reading replies is not fatal: frames still flow.
                 if r.is_err() {
-                    replies.queue.clear();
+                    let dropped: usize = replies.queue.drain(..).map(|m| m.len()).sum();
+                    replies.bytes -= dropped;
                 }
             }
             Wake::Back(Some(m)) => {
@@ -309,7 +354,9 @@ pub async fn run_node(
             }
             Wake::Back(None) => back_open = false,
             Wake::Msg(Some(m)) => match pong_for(&m) {
-                Some(p) => replies.push([p]),
+                // A previous node that pings without reading the pongs gets no more of them.
+                Some(p) if replies.queue.len() < MAX_REPLIES => replies.push([p]),
+                Some(_) => {}
                 None => {
                     let msgs = node.handle(&m);
                     out.push(msgs);
@@ -368,8 +415,9 @@ pub async fn run_starter(
         {
             let mut s = lock(&stats);
             s.tokens = starter.tokens();
-            s.kv_bytes = starter.kv_bytes().0 as u64;
-            s.kv_peak = starter.kv_bytes().1 as u64;
+            s.kv_bytes = starter.kv_bytes().0;
+            s.kv_peak = starter.kv_bytes().1;
+            s.garbage = starter.garbage();
             s.sequences = starter.in_flight();
             s.peak_sequences = s.peak_sequences.max(starter.in_flight());
             s.queued = starter.queued();
@@ -463,7 +511,9 @@ pub async fn run_starter(
             }
             Wake::Msg(Some(m)) => match (pong_for(&m), replies.as_mut()) {
                 (Some(p), Some(r)) => {
-                    r.push([p]);
+                    if r.queue.len() < MAX_REPLIES {
+                        r.push([p]);
+                    }
                     Vec::new()
                 }
                 _ => starter.handle(&m, &mut evs),
@@ -482,5 +532,86 @@ pub async fn run_starter(
         if let Some(o) = out.as_mut() {
             o.push(msgs);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mdi_core::node::NodeConfig;
+    use mdi_core::wire::WireDtype;
+    use mdi_transport::in_process::{pair, InProcessConfig};
+
+    /// Runs no jobs: the frames of these tests never make one.
+    struct NoJobs;
+
+    impl Exec for NoJobs {
+        fn submit(&self, _job: crate::exec::RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone> {
+            Box::pin(futures::future::pending())
+        }
+        fn kv_bytes_per_position(&self) -> usize {
+            64
+        }
+        fn weight_bytes(&self) -> u64 {
+            0
+        }
+        fn describe(&self) -> String {
+            "no jobs".into()
+        }
+    }
+
+    #[test]
+    fn a_message_the_link_refuses_as_too_large_is_dropped_and_the_node_goes_on() {
+        // The next link carries 64 bytes at most; the node's error reports are longer. Before,
+        // the refused send ended the node's loop; now it is dropped and counted.
+        let small = InProcessConfig {
+            max_message_size: 64,
+            ..Default::default()
+        };
+        let ((next, next_back_tx), (next_back_rx_prev, mut next_in)) = {
+            let ((a_tx, a_rx), (b_tx, b_rx)) = pair(&small);
+            ((a_tx, a_rx), (b_tx, b_rx))
+        };
+        let ((prev_tx, prev_back), (prev_back_tx, prev_in)) = {
+            let ((a_tx, a_rx), (b_tx, b_rx)) = pair(&InProcessConfig::default());
+            ((a_tx, a_rx), (b_tx, b_rx))
+        };
+        let node = Node::new(NodeConfig {
+            index: 1,
+            is_last: false,
+            hidden: 8,
+            wire: WireDtype::F16,
+            max_message: 64 * 1024,
+            max_positions: 16,
+            max_tokens: 16,
+            max_sequences: 2,
+            max_partials: 1,
+            max_held_bytes: 1 << 16,
+            kv_bytes_per_position: 64,
+            kv_cap_bytes: 1 << 16,
+        });
+        let stats: SharedStats = Arc::new(Mutex::new(DriverStats::default()));
+        let hops = Hops {
+            next: Some((next, next_back_tx)),
+            prev: Some((prev_in, prev_back_tx)),
+        };
+        let _keep = (next_back_rx_prev, prev_back);
+        let run = run_node(node, &NoJobs, hops, stats.clone());
+        let feed = async move {
+            // Garbage: the node's error report about it is longer than the link allows.
+            prev_tx.send(b"garbage frame".to_vec()).await.unwrap();
+            // Then a small control message, which must still come through.
+            let end = wire::encode_control(&Control::End { seq: 7 });
+            prev_tx.send(end.clone()).await.unwrap();
+            let got = next_in.recv().await;
+            prev_tx.close().await;
+            (got, end)
+        };
+        let (result, (got, end)) = futures::executor::block_on(futures::future::join(run, feed));
+        assert!(result.is_ok(), "the loop ended cleanly: {result:?}");
+        assert_eq!(got, Some(end), "the End came through after the refused message");
+        let s = lock(&stats).clone();
+        assert_eq!((s.garbage, s.oversized), (1, 1));
+        assert!(s.last_garbage.is_some_and(|e| e.contains("version")));
     }
 }

@@ -206,8 +206,8 @@ pub fn run_ring(
                     max_message,
                     context: config.context,
                     in_flight,
-                    kv_bytes_per_position: kv,
-                    kv_cap_bytes: usize::MAX,
+                    kv_bytes_per_position: kv as u64,
+                    kv_cap_bytes: u64::MAX,
                 });
                 return handle
                     .block_on(driver::run_starter(
@@ -223,9 +223,11 @@ pub fn run_ring(
                 max_message,
                 max_positions: config.context,
                 max_tokens: config.context,
-                max_sequences: in_flight * 2,
-                kv_bytes_per_position: kv,
-                kv_cap_bytes: usize::MAX,
+                max_sequences: in_flight.saturating_mul(2),
+                max_partials: 2,
+                max_held_bytes: NodeConfig::default_held_bytes(config.context, config.hidden),
+                kv_bytes_per_position: kv as u64,
+                kv_cap_bytes: u64::MAX,
             });
             handle
                 .block_on(driver::run_node(node, &*exec, h, stats))

@@ -14,9 +14,14 @@
 //! tokens {request, tokens}           ─▶
 //! finished {request, finish}         ─▶
 //! stats {...} every second           ─▶  (the heartbeat)
+//! garbage {epoch, from, count, ...}   ─▶  (the previous node sends unusable frames)
 //! ```
 //!
 //! Every message is checked against [`MAX_CONTROL_MESSAGE`] before it is parsed, on both sides.
+//! A node reports a previous node whose frames it cannot use (`garbage`, at most once per
+//! heartbeat while the count grows); the server drops a node reported for
+//! `signaling::room::MAX_PEER_GARBAGE` such frames from the room, and the ring re-forms without
+//! it.
 
 use serde::{Deserialize, Serialize};
 
@@ -179,6 +184,17 @@ pub enum ToServer {
     Tokens {
         request: u64,
         tokens: Vec<u32>,
+    },
+    /// This node's previous node in the ring keeps sending frames that cannot be read or tied
+    /// to a live sequence.
+    Garbage {
+        epoch: u64,
+        /// The previous node.
+        from: NodeId,
+        /// Such frames received from it in this epoch so far.
+        count: u64,
+        /// The last one's error.
+        example: String,
     },
     /// A request ended (starter only).
     Finished {

@@ -132,6 +132,8 @@ struct State {
     weight_bytes: u64,
     /// Signals for epochs not linked yet.
     early_signals: Vec<(NodeId, Signal)>,
+    /// The previous node of the running ring, whose garbage the heartbeat reports.
+    prev: Option<NodeId>,
 }
 
 /// What every step of a session needs.
@@ -235,6 +237,7 @@ pub async fn run(
         epoch: 0,
         weight_bytes: 0,
         early_signals: Vec::new(),
+        prev: None,
     }));
     // An assignment, or the reason this node is left out of the ring.
     let (assign_tx, assign_rx) = mpsc::unbounded::<Result<Assignment, String>>();
@@ -311,13 +314,28 @@ pub async fn run(
         let state = state.clone();
         async move {
             let mut last = (Instant::now(), 0u64);
+            // (epoch, previous node, count) of the last garbage report.
+            let mut reported = (0u64, None::<NodeId>, 0u64);
             loop {
                 platform
                     .sleep(Duration::from_millis(heartbeat_ms.max(100)))
                     .await;
+                let mut garbage = None;
                 let report = {
                     let st = state.borrow();
                     let s = st.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    if (st.epoch, st.prev) != (reported.0, reported.1) {
+                        reported = (st.epoch, st.prev, 0);
+                    }
+                    if let Some(from) = st.prev.filter(|_| s.garbage > reported.2) {
+                        reported.2 = s.garbage;
+                        garbage = Some(ToServer::Garbage {
+                            epoch: st.epoch,
+                            from,
+                            count: s.garbage,
+                            example: s.last_garbage.clone().unwrap_or_default(),
+                        });
+                    }
                     let now = Instant::now();
                     let dt = now.duration_since(last.0).as_secs_f64().max(1e-6);
                     let tok_s = s.tokens.saturating_sub(last.1) as f64 / dt;
@@ -335,6 +353,10 @@ pub async fn run(
                     }
                 };
                 send(&*tx, &ToServer::Stats(report)).await?;
+                if let Some(g) = garbage {
+                    tracing::warn!("reporting the previous node: {g:?}");
+                    send(&*tx, &g).await?;
+                }
             }
         }
     };
@@ -437,6 +459,22 @@ async fn self_benchmark(
     let c = &manifest.config;
     let mut rng = Rng::new(0x5eed);
     let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
+    // The configuration comes from the server: a layer this node could not hold must fail
+    // here, with a reason, not abort on an allocation.
+    let layer_values = [(h, q), (h, kv), (h, kv), (q, h), (f, h), (f, h), (h, f)]
+        .iter()
+        .try_fold(0u64, |a, &(x, y)| {
+            a.checked_add((x as u64).checked_mul(y as u64)?)
+        });
+    if layer_values
+        .and_then(|v| v.checked_mul(4))
+        .is_none_or(|b| b > memory_budget)
+    {
+        return Err(SessionError::Manifest(format!(
+            "one layer of this model takes more than this node's memory budget of \
+             {memory_budget} bytes as f32"
+        )));
+    }
     let mut t = |role: Role, shape: &[usize]| {
         let name = manifest.naming.tensor_name(role, 0);
         let dtype = manifest.tensor(&name).map_or(DType::F32, |t| t.dtype);
@@ -496,8 +534,10 @@ async fn self_benchmark(
         max_positions: 64,
         max_tokens: 64,
         max_sequences: 1,
-        kv_bytes_per_position: exec.kv_bytes_per_position(),
-        kv_cap_bytes: usize::MAX,
+        max_partials: 1,
+        max_held_bytes: u64::MAX,
+        kv_bytes_per_position: exec.kv_bytes_per_position() as u64,
+        kv_cap_bytes: u64::MAX,
     });
     let start = mdi_core::wire::encode_control(&mdi_core::wire::Control::Start {
         seq: 1,
@@ -628,14 +668,32 @@ async fn download(
         .map(|f| SparseSource::new(f.url.clone(), f.len))
         .collect();
     let tensors = manifest.stage_tensors(spec).map_err(|e| e.to_string())?;
-    let total: u64 = tensors.iter().map(|t| t.at.len).sum();
+    // The manifest is checked, but its sizes still come from the server: refuse an assignment
+    // that cannot fit this node before holding any of it.
+    let total = tensors
+        .iter()
+        .try_fold(0u64, |a, t| a.checked_add(t.at.len))
+        .filter(|&t| t <= ctx.opts.memory_budget)
+        .ok_or_else(|| {
+            format!(
+                "layers {:?} need more than this node's memory budget of {} bytes",
+                spec.layers, ctx.opts.memory_budget
+            )
+        })?;
     let (mut done, mut cached) = (0u64, 0u64);
     let mut headers = ctx.auth.clone();
     headers.push((NODE_HEADER.to_string(), node.to_string()));
     let mut last_report: Option<Instant> = None;
     for t in tensors {
-        let file = &manifest.files[t.at.file];
-        let (start, end) = (t.at.offset, t.at.offset + t.at.len);
+        let file = manifest
+            .files
+            .get(t.at.file)
+            .ok_or_else(|| format!("tensor `{}` is in an unlisted file", t.name))?;
+        let end =
+            t.at.offset
+                .checked_add(t.at.len)
+                .ok_or_else(|| format!("tensor `{}` ends past any file", t.name))?;
+        let start = t.at.offset;
         // Keyed by the file's content and the byte range, so any plan reuses what it finds.
         let key = format!("{}/{start}-{end}", file.sha256);
         let bytes = match platform.cache_get(key.clone()).await {
@@ -647,7 +705,8 @@ async fn download(
                 let url = base
                     .join(&file.url)
                     .map_err(|e| format!("{}: {e}", file.url))?;
-                let mut bytes = Vec::with_capacity(t.at.len as usize);
+                // Within the memory budget (checked above), so it fits this machine's usize.
+                let mut bytes = Vec::with_capacity(usize::try_from(t.at.len).unwrap_or(0));
                 let mut at = start;
                 while at < end {
                     let to = (at + FETCH_PIECE).min(end);
@@ -667,7 +726,9 @@ async fn download(
                 bytes
             }
         };
-        sources[t.at.file]
+        sources
+            .get_mut(t.at.file)
+            .ok_or_else(|| format!("tensor `{}` is in an unlisted file", t.name))?
             .insert(start, bytes)
             .map_err(|e| e.to_string())?;
         done += t.at.len;
@@ -738,6 +799,7 @@ async fn serve_assignment(
 
     let stats: SharedStats = Arc::new(Mutex::new(DriverStats::default()));
     state.borrow_mut().stats = stats.clone();
+    state.borrow_mut().prev = a.prev;
     let max_message = hops
         .next
         .as_ref()
@@ -752,8 +814,8 @@ async fn serve_assignment(
             max_message,
             context: a.max_positions.min(config.context),
             in_flight: a.in_flight.max(1),
-            kv_bytes_per_position: exec.kv_bytes_per_position(),
-            kv_cap_bytes: usize::try_from(a.kv_cap_bytes).unwrap_or(usize::MAX),
+            kv_bytes_per_position: exec.kv_bytes_per_position() as u64,
+            kv_cap_bytes: a.kv_cap_bytes,
         });
         let (cmd_tx, cmd_rx) = mpsc::unbounded();
         let (ev_tx, mut ev_rx) = mpsc::unbounded::<Event>();
@@ -805,9 +867,17 @@ async fn serve_assignment(
             max_message,
             max_positions: a.max_positions.min(config.context),
             max_tokens: a.max_positions.min(config.context),
-            max_sequences: a.in_flight.max(1) * 2,
-            kv_bytes_per_position: exec.kv_bytes_per_position(),
-            kv_cap_bytes: usize::try_from(a.kv_cap_bytes).unwrap_or(usize::MAX),
+            // Room for the starter's sequences twice over: only a peer that opens sequences
+            // it never uses reaches the limit, and then the least recently active go.
+            max_sequences: a.in_flight.clamp(1, 1 << 16) * 2,
+            // One peer sends the chunks of one activation in order: one at a time, one spare.
+            max_partials: 2,
+            max_held_bytes: NodeConfig::default_held_bytes(
+                a.max_positions.min(config.context),
+                config.hidden,
+            ),
+            kv_bytes_per_position: exec.kv_bytes_per_position() as u64,
+            kv_cap_bytes: a.kv_cap_bytes,
         });
         driver::run_node(node, &*exec, hops, stats)
             .await

@@ -8,6 +8,12 @@
 //! member has downloaded its layers, linked to its neighbours and said `ready`. Membership
 //! changes re-plan: at once when a member of the ring leaves (its requests fail with a clear
 //! error), at the next idle moment when a node joins (so no answer changes mid-way).
+//!
+//! A ring member that keeps sending its next node frames that node cannot use is reported by
+//! it (`garbage`); past [`MAX_PEER_GARBAGE`] such frames the server believes the report about
+//! the reporter's own previous node in the current ring, drops that node and re-plans without
+//! it. (A member could accuse its neighbour falsely, but it can break the ring anyway by not
+//! forwarding; the server trusts the members it admitted with the room token.)
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -37,6 +43,9 @@ pub const HEARTBEAT_MS: u64 = 1000;
 const SETTLE: Duration = Duration::from_millis(600);
 /// Malformed messages a member may send before it is dropped.
 pub const MAX_BAD_MESSAGES: u32 = 20;
+/// Unusable frames a ring member may send its next node (as that node reports) before it is
+/// dropped from the room. A node that follows the protocol sends none.
+pub const MAX_PEER_GARBAGE: u64 = 100;
 
 /// Settings of every room.
 #[derive(Debug, Clone)]
@@ -462,6 +471,22 @@ impl Hub {
         m.bad_messages > MAX_BAD_MESSAGES
     }
 
+    /// Plans every room with unplanned joins now instead of after they settle (for tests and
+    /// the fuzz harness, which need a formed ring without waiting).
+    pub fn plan_now(&mut self, model: &ModelFacts) {
+        let cfg = self.config.clone();
+        for r in self.rooms.values_mut().filter(|r| r.changed.is_some()) {
+            r.replan(&cfg, model);
+        }
+    }
+
+    /// Whether `id` is still a member of `room` (a dropped node's connection ends).
+    pub fn is_member(&self, room: &str, id: NodeId) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|r| r.members.contains_key(&id))
+    }
+
     /// A message from member `id`.
     pub fn handle(&mut self, room: &str, id: NodeId, msg: ToServer, model: &ModelFacts) {
         if msg == ToServer::Leave {
@@ -477,6 +502,8 @@ impl Hub {
         };
         m.last_seen = Instant::now();
         let epoch = r.ring.as_ref().map(|g| g.epoch);
+        // A member to drop once the room is no longer borrowed, and why.
+        let mut drop_member: Option<(NodeId, String)> = None;
         match msg {
             ToServer::Join { .. } => {
                 let _ = m.tx.send(ToNode::Error {
@@ -545,7 +572,56 @@ impl Hub {
                     }
                 }
             }
+            ToServer::Garbage {
+                epoch: e,
+                from,
+                count,
+                example,
+            } => {
+                // Only about the reporter's own previous node in the current ring.
+                let prev = r.ring.as_ref().filter(|g| g.epoch == e).and_then(|g| {
+                    let n = g.order.len();
+                    let i = g.order.iter().position(|&o| o == id)?;
+                    (n > 1).then(|| g.order[(i + n - 1) % n])
+                });
+                if prev != Some(from) {
+                    r.send(
+                        id,
+                        ToNode::Error {
+                            message: format!(
+                                "node {from} is not your previous node in epoch {e}; report ignored"
+                            ),
+                        },
+                    );
+                } else {
+                    let example = mdi_core::wire::truncate(&example, 200);
+                    tracing::warn!(
+                        "room `{room}`: node {id} reports {count} unusable frames from node \
+                         {from} (last: {example})"
+                    );
+                    if count >= MAX_PEER_GARBAGE {
+                        drop_member = Some((
+                            from,
+                            format!(
+                                "it sent {count} unusable frames to node {id} (last: {example})"
+                            ),
+                        ));
+                    }
+                }
+            }
             ToServer::Leave => {}
+        }
+        if let Some((victim, why)) = drop_member {
+            if let Some(r) = self.rooms.get(room) {
+                r.send(
+                    victim,
+                    ToNode::Error {
+                        message: format!("dropped from room `{room}`: {why}"),
+                    },
+                );
+            }
+            // Its channel goes with it: the connection closes and the ring re-forms.
+            self.leave(room, victim, &why, model);
         }
     }
 
@@ -810,6 +886,90 @@ mod tests {
         }
         let v = hub.view("r", &model, &none);
         assert!(!v.ready);
+        assert!(v.status.contains("waiting for nodes"), "{}", v.status);
+    }
+
+    #[test]
+    fn a_node_reported_for_garbage_by_its_next_node_is_dropped() {
+        let model = ModelFacts {
+            id: "tiny".into(),
+            cost: ModelCost {
+                layer_weight_bytes: vec![100; 6],
+                kv_bytes_per_token: 8,
+                layer_work: vec![1.0; 6],
+                starter_weight_bytes: 50,
+                starter_work: 1.0,
+            },
+            context: 64,
+        };
+        let cfg = RoomConfig {
+            min_nodes: 3,
+            in_flight: 2,
+            reserve_positions: 16,
+            max_queued: 8,
+            queue_timeout: Duration::from_secs(60),
+            wire: mdi_core::wire::WireDtype::F16,
+        };
+        let mut hub = Hub::new(cfg);
+        let mut rxs = Vec::new();
+        let mut ids = Vec::new();
+        for name in ["a", "b", "c"] {
+            let (tx, rx) = mpsc::unbounded_channel();
+            ids.push(hub.join("r", name.into(), NodeKind::Native, profile(1 << 30), tx));
+            rxs.push(rx);
+        }
+        hub.rooms.get_mut("r").unwrap().changed = Some(Instant::now() - SETTLE);
+        hub.tick(&model);
+        let mut assigned = Vec::new();
+        for (rx, &id) in rxs.iter_mut().zip(&ids) {
+            let _welcome = rx.try_recv();
+            let Ok(ToNode::Assign(a)) = rx.try_recv() else {
+                panic!("assigned")
+            };
+            assigned.push((id, a));
+        }
+        let epoch = assigned[0].1.epoch;
+        let (reporter, a) = &assigned[0];
+        let prev = a.prev.expect("a ring of three");
+        let other = assigned
+            .iter()
+            .map(|(id, _)| *id)
+            .find(|&i| i != prev && i != *reporter);
+        let other = other.unwrap();
+        let garbage = |from, count| ToServer::Garbage {
+            epoch,
+            from,
+            count,
+            example: "unknown message kind 7".into(),
+        };
+        // About a node that is not the reporter's previous one: ignored, with a reason.
+        hub.handle("r", *reporter, garbage(other, 1000), &model);
+        assert!(hub.is_member("r", other));
+        let rx = &mut rxs[ids.iter().position(|i| i == reporter).unwrap()];
+        let mut saw = false;
+        while let Ok(m) = rx.try_recv() {
+            saw |= matches!(m, ToNode::Error { message } if message.contains("not your previous"));
+        }
+        assert!(saw, "the false report is answered");
+        // Below the limit the previous node stays; at it, it is dropped and the ring re-forms.
+        hub.handle("r", *reporter, garbage(prev, MAX_PEER_GARBAGE - 1), &model);
+        assert!(hub.is_member("r", prev));
+        hub.handle("r", *reporter, garbage(prev, MAX_PEER_GARBAGE), &model);
+        assert!(!hub.is_member("r", prev), "dropped");
+        let rx = &mut rxs[ids.iter().position(|&i| i == prev).unwrap()];
+        let mut told = None;
+        while let Ok(m) = rx.try_recv() {
+            if let ToNode::Error { message } = m {
+                told = Some(message);
+            }
+        }
+        let told = told.expect("the dropped node is told why");
+        assert!(
+            told.contains("dropped") && told.contains("unusable frames"),
+            "{told}"
+        );
+        let v = hub.view("r", &model, &|_| 0);
+        assert_eq!(v.nodes.len(), 2);
         assert!(v.status.contains("waiting for nodes"), "{}", v.status);
     }
 }

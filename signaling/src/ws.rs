@@ -1,7 +1,8 @@
 //! `/ws`: one WebSocket per node. The first message must be `join` (room, token, name,
 //! profile); after that the node's messages go to its room and the room's messages come back
 //! through a writer task. Every message is size-checked before it is parsed; a node that keeps
-//! sending garbage is dropped, and the room goes on.
+//! sending garbage, to the server or (as its next node reports) to the ring, is dropped, and
+//! the room goes on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,9 +129,15 @@ async fn session(app: Arc<AppState>, mut socket: WebSocket) {
         match protocol::decode::<ToServer>(&text) {
             Ok(m) => {
                 let left = m == ToServer::Leave;
-                app.hub().handle(&room, id, m, &app.model.facts);
+                let mut hub = app.hub();
+                hub.handle(&room, id, m, &app.model.facts);
                 if left {
                     why = "it left";
+                    break;
+                }
+                // Another node's report can drop this one; then its connection ends too.
+                if !hub.is_member(&room, id) {
+                    why = "it was dropped from the room";
                     break;
                 }
             }

@@ -26,7 +26,7 @@ pub fn build_ring(
     wire: WireDtype,
     max_message: usize,
 ) -> LocalRing<Oracle> {
-    build_ring_with_kv_cap(store, config, n, in_flight, wire, max_message, usize::MAX)
+    build_ring_with_kv_cap(store, config, n, in_flight, wire, max_message, u64::MAX)
 }
 
 /// [`build_ring`] with a cap on each secondary node's KV memory.
@@ -37,7 +37,7 @@ pub fn build_ring_with_kv_cap(
     in_flight: usize,
     wire: WireDtype,
     max_message: usize,
-    kv_cap_bytes: usize,
+    kv_cap_bytes: u64,
 ) -> LocalRing<Oracle> {
     let specs = stage_specs(&even_ranges(config.n_layers, n));
     let starter_engine = oracle(store, config, &specs[0]);
@@ -48,8 +48,8 @@ pub fn build_ring_with_kv_cap(
         max_message,
         context: config.context,
         in_flight,
-        kv_bytes_per_position: starter_engine.cache_bytes(1),
-        kv_cap_bytes: usize::MAX,
+        kv_bytes_per_position: starter_engine.cache_bytes(1) as u64,
+        kv_cap_bytes: u64::MAX,
     });
     let nodes = specs[1..]
         .iter()
@@ -65,7 +65,9 @@ pub fn build_ring_with_kv_cap(
                 max_positions: config.context,
                 max_tokens: config.context,
                 max_sequences: 64,
-                kv_bytes_per_position: engine.cache_bytes(1),
+                max_partials: 2,
+                max_held_bytes: NodeConfig::default_held_bytes(config.context, config.hidden),
+                kv_bytes_per_position: engine.cache_bytes(1) as u64,
                 kv_cap_bytes,
             });
             (node, engine)

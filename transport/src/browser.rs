@@ -29,7 +29,7 @@ use web_sys::{
     RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit,
 };
 
-use crate::{BoxFuture, Error, Inbox, Link, LinkRx, LinkTx, Result, RECEIVE_WINDOW};
+use crate::{credit, BoxFuture, Error, Inbox, Link, LinkRx, LinkTx, Result, RECEIVE_WINDOW};
 
 /// The data channel's label, as the native transport names it.
 const CHANNEL_LABEL: &str = "mdi";
@@ -268,15 +268,17 @@ fn watch_channel(guard: &Guard, shared: &SharedRef, dc: &RtcDataChannel) {
         let mut s = s.borrow_mut();
         if let Some(text) = data.as_string() {
             // A credit; any other text is not ours to interpret and is ignored.
-            if let Ok(credit) = text.parse::<u64>() {
-                s.granted = s.granted.max(credit);
+            if let Some(c) = credit::parse(text.as_bytes()) {
+                let mut g = credit::Granted(s.granted);
+                g.grant(c);
+                s.granted = g.0;
                 s.wake();
             }
             return;
         }
         let bytes = js_sys::Uint8Array::new(&data).to_vec();
-        s.received += bytes.len() as u64;
-        if s.received - s.consumed > RECEIVE_WINDOW as u64 {
+        s.received = s.received.saturating_add(bytes.len() as u64);
+        if credit::overrun(s.received, s.consumed, RECEIVE_WINDOW as u64) {
             // The peer ignores credit: a broken link rather than unbounded memory.
             s.state = State::Closed;
             closer.close();
@@ -507,7 +509,8 @@ impl LinkTx for Tx {
                 if s.state == State::Closed {
                     return Poll::Ready(false);
                 }
-                if s.granted + RECEIVE_WINDOW as u64 >= s.sent + len
+                if credit::Granted(s.granted)
+                    .allows(RECEIVE_WINDOW as u64, s.sent.saturating_add(len))
                     && dc.buffered_amount() <= HIGH_WATERMARK
                 {
                     return Poll::Ready(true);
@@ -520,7 +523,8 @@ impl LinkTx for Tx {
                 return Err(closed());
             }
             dc.send_with_u8_array(&msg).map_err(|_| closed())?;
-            self.shared.borrow_mut().sent += len;
+            let mut s = self.shared.borrow_mut();
+            s.sent = s.sent.saturating_add(len);
             Ok(())
         })
     }
@@ -578,9 +582,9 @@ impl LinkRx for Rx {
             })
             .await?;
             let mut s = self.shared.borrow_mut();
-            s.consumed += msg.len() as u64;
+            s.consumed = s.consumed.saturating_add(msg.len() as u64);
             // A credit each quarter window, as the native side grants.
-            if s.consumed - s.last_grant >= (RECEIVE_WINDOW / 4) as u64 {
+            if s.consumed.saturating_sub(s.last_grant) >= (RECEIVE_WINDOW / 4) as u64 {
                 if let Some(dc) = self.guard.dc.borrow().as_ref() {
                     if dc.send_with_str(&s.consumed.to_string()).is_ok() {
                         s.last_grant = s.consumed;

@@ -14,6 +14,7 @@
 
 #[cfg(target_family = "wasm")]
 pub mod browser;
+pub mod credit;
 mod error;
 pub mod in_process;
 mod link;

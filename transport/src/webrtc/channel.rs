@@ -10,7 +10,8 @@
 //! receiving side can then buffer everything the sender may send without ever stopping the
 //! driver, and its memory stays bounded by the window.
 //!
-//! The wire format is in the parent module's docs.
+//! The wire format is in the parent module's docs; the arithmetic on the peer's numbers is in
+//! [`crate::credit`], where no grant, however large, can wrap the window.
 //!
 //! Below the credits, the crate's bounded send buffer (`with_data_channel_send_buffer_limit`)
 //! keeps what is handed to SCTP small: `send` waits while unacknowledged bytes are at the
@@ -30,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState};
 
-use crate::{BoxFuture, Error, Inbox, Link, LinkRx, LinkTx, Result};
+use crate::{credit, BoxFuture, Error, Inbox, Link, LinkRx, LinkTx, Result};
 
 /// How long `close()` waits for queued bytes to be acknowledged, and then for the channel's
 /// closing handshake, before tearing the connection down anyway.
@@ -223,18 +224,18 @@ async fn pump(
             Some(DataChannelEvent::OnMessage(msg)) if msg.is_string => {
                 // A credit. Anything else in text is not ours to interpret; ignore it rather
                 // than let a peer's stray string break the link.
-                let credit = std::str::from_utf8(&msg.data)
-                    .ok()
-                    .and_then(|text| text.parse::<u64>().ok());
-                if let Some(credit) = credit {
-                    // Grants are cumulative; max() keeps a reordered or repeated one harmless.
-                    granted.send_modify(|g| *g = (*g).max(credit));
+                if let Some(credit) = credit::parse(&msg.data) {
+                    granted.send_modify(|g| {
+                        let mut at = credit::Granted(*g);
+                        at.grant(credit);
+                        *g = at.0;
+                    });
                 }
             }
             Some(DataChannelEvent::OnMessage(msg)) => {
                 let len = msg.data.len() as u64;
-                received += len;
-                if received - *consumed.borrow() > window {
+                received = received.saturating_add(len);
+                if credit::overrun(received, *consumed.borrow(), window) {
                     // The peer ignores credit; queueing on would let it grow our memory
                     // without bound. Treat it as a broken link.
                     let _ = dc.close().await;
@@ -243,7 +244,7 @@ async fn pump(
                 if inbox.send(Vec::from(msg.data)).is_err() {
                     // Nobody will read it: count it consumed so the peer is not left waiting
                     // for credit that would never come.
-                    consumed.send_modify(|c| *c += len);
+                    consumed.send_modify(|c| *c = c.saturating_add(len));
                 }
             }
             // Closing: refuse new sends now, but keep delivering what is still arriving until
@@ -270,7 +271,7 @@ async fn grant_credit(
     let mut granted = 0u64;
     loop {
         let next = tokio::select! {
-            next = consumed.wait_for(|c| *c - granted >= step) => match next {
+            next = consumed.wait_for(|c| c.saturating_sub(granted) >= step) => match next {
                 Ok(c) => *c,
                 Err(_) => return,
             },
@@ -317,13 +318,13 @@ impl LinkTx for Tx {
                 return Err(self.closed());
             }
             let mut sent = self.sent.lock().await;
-            let end = *sent + msg.len() as u64;
+            let end = sent.saturating_add(msg.len() as u64);
             let mut state = self.state.clone();
             let mut granted = self.granted.clone();
             // Wait for credit. The crate's own send would wait for buffer space only until
             // *it* sees a local close; a vanished peer is noticed by our pump, so race both.
             tokio::select! {
-                credit = granted.wait_for(|g| g + self.window >= end) => {
+                credit = granted.wait_for(|&g| credit::Granted(g).allows(self.window, end)) => {
                     if credit.is_err() {
                         return Err(self.closed());
                     }
@@ -397,7 +398,7 @@ impl LinkRx for Rx {
         Box::pin(async move {
             let msg = self.inbox.recv().await?;
             let len = msg.len() as u64;
-            self.consumed.send_modify(|c| *c += len);
+            self.consumed.send_modify(|c| *c = c.saturating_add(len));
             Some(msg)
         })
     }
