@@ -49,6 +49,10 @@ struct NodeArgs {
     /// The signaling server, e.g. http://127.0.0.1:8080.
     #[arg(long)]
     server: String,
+    /// Trust an https server by its certificate's SHA-256 fingerprint (what `signaling --tls`
+    /// prints), instead of by a certificate authority.
+    #[arg(long)]
+    fingerprint: Option<String>,
     /// How the ring map and /api/ring call this device [default: host name + a short id].
     #[arg(long)]
     name: Option<String>,
@@ -291,7 +295,7 @@ fn run_node(args: NodeArgs) -> Result<()> {
         memory_budget,
         backend,
     };
-    mdi_runtime::native::run_node_blocking(opts, 0, node_status(), stop_signal())
+    mdi_runtime::native::run_node_blocking(opts, 0, args.fingerprint, node_status(), stop_signal())
         .map_err(anyhow::Error::msg)
 }
 

@@ -32,6 +32,8 @@ const CPU_MAX_BATCH: usize = 8;
 /// otherwise.
 pub struct NativePlatform {
     http: reqwest::Client,
+    /// TLS trusting the server's pinned certificate, when a fingerprint was given.
+    pinned: Option<Arc<rustls::ClientConfig>>,
     gpu: OnceCell<Option<Arc<GpuContext>>>,
     /// Where WebRTC sockets bind, and whether only loopback candidates are used.
     rtc_bind: IpAddr,
@@ -41,8 +43,10 @@ pub struct NativePlatform {
 }
 
 impl NativePlatform {
-    /// A platform for a node of the server at `server` (an http(s) URL).
-    pub fn new(server: &str) -> PlatformResult<Self> {
+    /// A platform for a node of the server at `server` (an http(s) URL). With `fingerprint`
+    /// (the SHA-256 of the server's certificate, hex, colons optional) an `https` server is
+    /// trusted by that certificate alone, as for a self-signed one made by `signaling --tls`.
+    pub fn new(server: &str, fingerprint: Option<&str>) -> PlatformResult<Self> {
         let url = url::Url::parse(server).map_err(|e| format!("bad server URL `{server}`: {e}"))?;
         let host = url
             .host_str()
@@ -55,11 +59,19 @@ impl NativePlatform {
         } else {
             local_ip_towards(SocketAddr::new(ip, port))?
         };
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
+        let pinned = match fingerprint {
+            Some(f) => Some(Arc::new(crate::pinned::client_config(f)?)),
+            None => None,
+        };
+        let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(c) = &pinned {
+            http = http.use_preconfigured_tls((**c).clone());
+        }
+        let http = http
             .build()
             .map_err(|e| format!("cannot set up HTTP: {e}"))?;
         Ok(Self {
+            pinned,
             http,
             gpu: OnceCell::new(),
             rtc_bind,
@@ -206,14 +218,22 @@ impl Answering for NativeAnswering {
 impl Platform for NativePlatform {
     fn connect(&self, url: &str) -> LocalBoxFuture<'static, PlatformResult<ControlChannel>> {
         let url = url.to_string();
+        let connector = self
+            .pinned
+            .clone()
+            .map(tokio_tungstenite::Connector::Rustls);
         Box::pin(async move {
             let config = WebSocketConfig::default()
                 .max_message_size(Some(MAX_CONTROL_MESSAGE))
                 .max_frame_size(Some(MAX_CONTROL_MESSAGE));
-            let (ws, _) =
-                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false)
-                    .await
-                    .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+                url.as_str(),
+                Some(config),
+                false,
+                connector,
+            )
+            .await
+            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
             let (mut write, read) = ws.split();
             let (out, mut rx) = mpsc::unbounded_channel::<WsMessage>();
             // One writer task owns the socket's sending half.
@@ -431,6 +451,7 @@ pub fn default_memory_budget() -> u64 {
 pub fn run_node_blocking(
     opts: crate::session::NodeOptions,
     cpu_threads: usize,
+    fingerprint: Option<String>,
     status: crate::session::StatusSink,
     stop: impl std::future::Future<Output = ()> + 'static,
 ) -> Result<(), String> {
@@ -439,7 +460,8 @@ pub fn run_node_blocking(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let platform = NativePlatform::new(&opts.server)?.with_cpu_threads(cpu_threads);
+    let platform =
+        NativePlatform::new(&opts.server, fingerprint.as_deref())?.with_cpu_threads(cpu_threads);
     rt.block_on(async move {
         crate::session::run(&platform, opts, status, Box::pin(stop))
             .await
