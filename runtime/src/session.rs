@@ -730,6 +730,22 @@ async fn serve_assignment(
     };
     state.borrow_mut().weight_bytes = exec.weight_bytes();
     let hops = link(ctx, a, signal_rx).await?;
+    // What this node holds is known now: the server has it before the ring is ready, not
+    // only at the next heartbeat.
+    let held = NodeReport {
+        epoch: a.epoch,
+        tok_s: 0.0,
+        rtt_ms: None,
+        weight_bytes: exec.weight_bytes(),
+        kv_bytes: 0,
+        rss_bytes: ctx.platform.rss_bytes(),
+        sequences: 0,
+        queued: 0,
+        peak_sequences: 0,
+    };
+    send(&**tx, &ToServer::Stats(held))
+        .await
+        .map_err(|e| e.to_string())?;
     send(&**tx, &ToServer::Ready { epoch: a.epoch })
         .await
         .map_err(|e| e.to_string())?;
