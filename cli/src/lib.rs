@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_api;
+pub mod bench_cluster;
 pub mod chat;
 pub mod fetch;
 pub mod files;

@@ -57,7 +57,7 @@ enum Command {
     /// Benchmarks that print tables: the GPU engine against the adapter's own bounds, and the
     /// ring against one node.
     #[command(
-        after_help = "Examples:\n  mdi bench\n  mdi bench --skip-gpu --skip-cpu --nodes 4 --sequences 8\n  mdi bench --skip-gpu --skip-cpu --skip-ring --api 4 --api-backend cpu"
+        after_help = "Examples:\n  mdi bench\n  mdi bench --skip-gpu --skip-cpu --nodes 4 --sequences 8\n  mdi bench --skip-gpu --skip-cpu --skip-ring --api 4 --api-backend cpu\n  sudo mdi bench --skip-gpu --skip-cpu --skip-ring --cluster 4"
     )]
     Bench(BenchArgs),
     /// Join a ring as a node: download only the assigned layers from the server, link to the
@@ -120,6 +120,12 @@ struct NodeArgs {
     /// auto: a hardware GPU if there is one, else the CPU.
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// Threads of the CPU engine [default: one per core this process may use].
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Emulate a slower network: hold every incoming message this long (benchmarks).
+    #[arg(long, default_value_t = 0.0, hide = true)]
+    link_delay_ms: f64,
 }
 
 #[derive(Args)]
@@ -156,6 +162,26 @@ struct BenchArgs {
     /// Memory budget of each API benchmark node.
     #[arg(long, default_value = "2G")]
     api_memory: String,
+    /// Also run the emulated edge cluster (as root): 1..=N `mdi node` processes, each in its
+    /// own network namespace and cgroup, with shaped links, and S = N and 2N clients.
+    #[arg(long, value_name = "N")]
+    cluster: Option<usize>,
+    /// CPUs per cluster node (a cgroup CPU quota).
+    #[arg(long, default_value_t = 0.5)]
+    cluster_cpu: f64,
+    /// One-way delay of each cluster node's link, milliseconds.
+    #[arg(long, default_value_t = 2.0)]
+    cluster_delay_ms: f64,
+    /// Rate of each cluster node's link, Mbit/s.
+    #[arg(long, default_value_t = 100)]
+    cluster_rate_mbit: u32,
+    /// Memory limit of each node in the memory-capped table (a cgroup limit): below what one
+    /// node holding the whole model needs (the default suits the default model).
+    #[arg(long, default_value = "112M")]
+    cluster_memory: String,
+    /// Engine of the cluster's nodes.
+    #[arg(long, default_value = "cpu")]
+    cluster_backend: String,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -356,6 +382,35 @@ fn run(cli: Cli) -> Result<()> {
                     &rows,
                 );
             }
+            if let Some(n) = args.cluster {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let flag = stop.clone();
+                ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
+                    .context("cannot catch Ctrl-C")?;
+                let bench = mdi::bench_cluster::ClusterBench {
+                    model: path.clone(),
+                    max_nodes: n.max(1),
+                    cpu: args.cluster_cpu,
+                    delay_ms: args.cluster_delay_ms,
+                    rate_mbit: args.cluster_rate_mbit,
+                    max_tokens: args.max_tokens,
+                    memory_limit: mdi_runtime::platform::parse_bytes(&args.cluster_memory)
+                        .map_err(anyhow::Error::msg)?,
+                    backend: args.cluster_backend.clone(),
+                };
+                let (scaling, memory) = mdi::bench_cluster::run(&bench, stop)?;
+                mdi::bench::print_table(
+                    &format!(
+                        "Edge cluster: signaling + 1..{n} mdi node processes in their own network namespaces and cgroups, {}",
+                        path.display()
+                    ),
+                    &scaling,
+                );
+                mdi::bench::print_table(
+                    "Edge cluster under a per-node memory limit below the whole model's needs",
+                    &memory,
+                );
+            }
             Ok(())
         }
     }
@@ -457,9 +512,16 @@ fn run_node(args: NodeArgs) -> Result<()> {
         kind: mdi_runtime::protocol::NodeKind::Native,
         memory_budget,
         backend,
+        link_delay: std::time::Duration::from_secs_f64(args.link_delay_ms.max(0.0) / 1e3),
     };
-    mdi_runtime::native::run_node_blocking(opts, 0, args.fingerprint, node_status(), stop_signal())
-        .map_err(anyhow::Error::msg)
+    mdi_runtime::native::run_node_blocking(
+        opts,
+        args.threads,
+        args.fingerprint,
+        node_status(),
+        stop_signal(),
+    )
+    .map_err(anyhow::Error::msg)
 }
 
 /// What `mdi node` tells the person who started it, on stderr: state changes as lines, the

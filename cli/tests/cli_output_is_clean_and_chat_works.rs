@@ -135,7 +135,12 @@ fn mistakes_get_one_line_that_says_what_to_do() {
     std::fs::write(&junk, b"this is not a model").unwrap();
     let junk = junk.display().to_string();
     // (arguments, environment, wrapper command, what the message must say)
-    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, Option<&'a str>, &'a str);
+    type Case<'a> = (
+        Vec<&'a str>,
+        Vec<(&'a str, &'a str)>,
+        Option<&'a str>,
+        &'a str,
+    );
     let cases: Vec<Case> = vec![
         (
             vec!["generate", "--model", "/no/such/model.gguf", "--chat", "hi"],

@@ -107,6 +107,40 @@ impl NativePlatform {
             .clone()
     }
 
+    async fn build_exec(
+        &self,
+        backend: Backend,
+        config: Config,
+        weights: StageWeights<RawTensor>,
+    ) -> PlatformResult<BoxExec> {
+        match backend {
+            Backend::Gpu => {
+                let ctx = self.gpu().await.ok_or("no GPU adapter")?;
+                let engine = GpuEngine::new(ctx.clone(), config, weights, GPU_MAX_BATCH)
+                    .map_err(|e| format!("GPU engine: {e}"))?;
+                let bytes = engine.weight_bytes();
+                let name = format!("gpu ({})", ctx.info.name);
+                Ok(Box::new(ThreadedExec::new(engine, bytes, name)) as BoxExec)
+            }
+            Backend::Cpu | Backend::Auto => {
+                let engine = mdi_cpu::CpuEngine::new(config, weights, self.cpu_threads)
+                    .map_err(|e| e.to_string())?;
+                let bytes = engine.weight_bytes();
+                Ok(Box::new(ThreadedExec::with_batch(
+                    engine,
+                    bytes,
+                    "cpu",
+                    CPU_MAX_BATCH,
+                )) as BoxExec)
+            }
+            Backend::Oracle => {
+                let oracle = Oracle::new(config, weights).map_err(|e| e.to_string())?;
+                let bytes = oracle.weight_bytes();
+                Ok(Box::new(ThreadedExec::new(oracle, bytes, "oracle")) as BoxExec)
+            }
+        }
+    }
+
     fn rtc_config(&self, label: String) -> WebRtcConfig {
         WebRtcConfig {
             label,
@@ -355,32 +389,11 @@ impl Platform for NativePlatform {
     ) -> LocalBoxFuture<'_, PlatformResult<BoxExec>> {
         let config = config.clone();
         Box::pin(async move {
-            match backend {
-                Backend::Gpu => {
-                    let ctx = self.gpu().await.ok_or("no GPU adapter")?;
-                    let engine = GpuEngine::new(ctx.clone(), config, weights, GPU_MAX_BATCH)
-                        .map_err(|e| format!("GPU engine: {e}"))?;
-                    let bytes = engine.weight_bytes();
-                    let name = format!("gpu ({})", ctx.info.name);
-                    Ok(Box::new(ThreadedExec::new(engine, bytes, name)) as BoxExec)
-                }
-                Backend::Cpu | Backend::Auto => {
-                    let engine = mdi_cpu::CpuEngine::new(config, weights, self.cpu_threads)
-                        .map_err(|e| e.to_string())?;
-                    let bytes = engine.weight_bytes();
-                    Ok(Box::new(ThreadedExec::with_batch(
-                        engine,
-                        bytes,
-                        "cpu",
-                        CPU_MAX_BATCH,
-                    )) as BoxExec)
-                }
-                Backend::Oracle => {
-                    let oracle = Oracle::new(config, weights).map_err(|e| e.to_string())?;
-                    let bytes = oracle.weight_bytes();
-                    Ok(Box::new(ThreadedExec::new(oracle, bytes, "oracle")) as BoxExec)
-                }
-            }
+            let exec = self.build_exec(backend, config, weights).await;
+            // The download and the loaded tensors were freed as the engine took its copy;
+            // hand those pages back so the node's resident memory is what it holds.
+            release_freed_memory();
+            exec
         })
     }
 
@@ -467,4 +480,14 @@ pub fn run_node_blocking(
             .await
             .map_err(|e| e.to_string())
     })
+}
+
+/// Returns freed heap pages to the system (glibc keeps them otherwise, and the process's
+/// resident memory would count a download that is long gone).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

@@ -45,6 +45,7 @@ pub fn start(
             kind: NodeKind::Native,
             memory_budget,
             backend,
+            link_delay: std::time::Duration::ZERO,
         };
         let fingerprint = fingerprint.clone();
         let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
