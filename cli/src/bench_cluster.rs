@@ -368,6 +368,9 @@ const QUESTIONS: [&str; 8] = [
     "Tell a story about a train.",
 ];
 
+/// How a memory-capped ring ended: the server's status, and (served) tok/s and each node's RSS.
+type Outcome = (String, Option<(f64, Vec<u64>)>);
+
 /// S concurrent streams: (aggregate tok/s, TTFT p50 ms).
 fn load(url: &str, s: usize, max_tokens: usize) -> Result<(f64, f64, u64)> {
     let t0 = Instant::now();
@@ -533,7 +536,7 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
             c.spawn_node(i, &mdi, &url, &node_args, b.cpu, Some(limit))?;
         }
         let (sw, u, t, st) = (c.switch(), url.clone(), b.max_tokens, stop.clone());
-        let outcome = in_netns(&sw, move || -> Result<(String, Option<(f64, Vec<u64>)>)> {
+        let outcome = in_netns(&sw, move || -> Result<Outcome> {
             let client = reqwest::blocking::Client::new();
             let start = Instant::now();
             loop {
