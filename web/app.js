@@ -28,6 +28,20 @@ function authHeaders() {
   return token ? { authorization: `Bearer ${token}` } : {};
 }
 
+// Messages a person can act on, for the errors people meet.
+function friendly(message) {
+  if (/token/i.test(message) && /refused/i.test(message)) {
+    return "The server refused this device: the room's token in the link is wrong or missing. Open the link the ring's page shows (or scan its QR code).";
+  }
+  if (/cannot connect|closed/i.test(message) && /ws/i.test(message)) {
+    return `The server is not reachable (${message}). Check that it runs and that this device is on its network.`;
+  }
+  if (/limit|binding|exceeds/i.test(message) && /GPU|WebGPU|buffer/i.test(message)) {
+    return `This device's WebGPU limits are too small for its layers (${message}). Open the page with ?backend=cpu to join as a CPU node.`;
+  }
+  return message;
+}
+
 function showError(text) {
   const e = $("device-error");
   e.textContent = text;
@@ -37,6 +51,8 @@ function showError(text) {
 // ---- This device as a ring node.
 
 let node = null;
+let myName = null;
+const download = { start: null };
 
 function onStatus(json) {
   let s;
@@ -56,6 +72,7 @@ function onStatus(json) {
       $("device-status").textContent = `joined room “${s.room}” as node ${s.id}; waiting for a plan`;
       break;
     case "assigned":
+      download.start = null;
       $("device-role").textContent = s.starter ? "starter" : `node ${s.index} of ${s.n_nodes}`;
       $("device-layers").textContent = `${s.layers[0]}–${s.layers[1]}`;
       $("device-status").textContent = "downloading this device's layers";
@@ -65,8 +82,15 @@ function onStatus(json) {
       p.hidden = false;
       p.max = s.total || 1;
       p.value = s.done;
+      const now = performance.now();
+      download.start ??= now;
+      const fetched = s.done - s.cached;
+      const secs = Math.max((now - download.start) / 1000, 1e-3);
+      const rate = fetched > 0 ? `, ${(fetched / 1e6 / secs).toFixed(1)} MB/s from the network` : "";
       $("download-text").textContent =
-        `${mb(s.done)} of ${mb(s.total)} MB` + (s.cached ? ` (${mb(s.cached)} MB from this browser's cache)` : "");
+        `${mb(s.done)} of ${mb(s.total)} MB` + rate +
+        (s.cached ? ` (${mb(s.cached)} MB from this browser's cache)` : "") +
+        (s.done === s.total ? " — done" : "");
       break;
     }
     case "ready":
@@ -83,7 +107,7 @@ function onStatus(json) {
       $("device-status").textContent = "left the ring";
       break;
     case "error":
-      showError(s.message);
+      showError(friendly(s.message));
       $("device-status").textContent = "stopped";
       break;
   }
@@ -104,9 +128,12 @@ async function unlockLoopbackCandidates() {
 
 async function startNode() {
   const name = params.get("name") || `tab-${Math.floor(Math.random() * 65536).toString(16)}`;
+  myName = name;
   $("device-name").textContent = name;
   if (!navigator.gpu) {
-    $("device-status").textContent = "WebGPU is not available here (it needs HTTPS or localhost and a recent browser): joining as a CPU node";
+    $("device-status").textContent = isSecureContext
+      ? "this browser has no WebGPU: joining as a CPU node"
+      : "WebGPU needs a secure page (https, or localhost): joining as a CPU node. Open the server's https link for the GPU";
   }
   let wasm;
   try {
@@ -223,6 +250,117 @@ $("chat-form").addEventListener("submit", (e) => {
 });
 $("stop").addEventListener("click", () => controller?.abort());
 
+// ---- The ring map: nodes around a circle in ring order (the starter on top), arrows along
+// the direction activations travel, a token circulating while sequences are in flight.
+
+const SVG = "http://www.w3.org/2000/svg";
+function el(name, attrs = {}, text) {
+  const e = document.createElementNS(SVG, name);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function drawMap(r) {
+  const nodes = r.nodes;
+  const n = nodes.length;
+  const cx = 200, cy = 200, radius = 140;
+  const pos = (i) => {
+    const a = (i / Math.max(n, 1)) * 2 * Math.PI - Math.PI / 2;
+    return [cx + radius * Math.cos(a), cy + radius * Math.sin(a)];
+  };
+  const edges = [];
+  if (n > 1) {
+    for (let i = 0; i < n; i++) {
+      const [x1, y1] = pos(i);
+      const [x2, y2] = pos((i + 1) % n);
+      // Shorten each chord so the arrow ends at the next node's edge.
+      const dx = x2 - x1, dy = y2 - y1, d = Math.hypot(dx, dy) || 1;
+      const k = 40 / d;
+      edges.push(el("line", {
+        x1: x1 + dx * k, y1: y1 + dy * k, x2: x2 - dx * k, y2: y2 - dy * k,
+        stroke: "#8a8f98", "stroke-width": 2, "marker-end": "url(#arrow)",
+      }));
+    }
+  }
+  $("ring-edges").replaceChildren(...edges);
+  const groups = nodes.map((node, i) => {
+    const [x, y] = pos(i);
+    const classes = ["node", node.state];
+    if (node.role === "starter") classes.push("starter");
+    if (node.name === myName) classes.push("me");
+    const g = el("g", {
+      class: classes.join(" "),
+      "data-name": node.name,
+      "data-kind": node.kind,
+      "data-layers": node.layers ? `${node.layers[0]}-${node.layers[1]}` : "",
+    });
+    g.append(el("circle", { class: "halo", cx: x, cy: y, r: 38 }));
+    g.append(el("circle", { class: "body", cx: x, cy: y, r: 32 }));
+    g.append(el("text", { class: "inside", x, y: y - 3 }, node.layers ? `${node.layers[0]}–${node.layers[1]}` : node.state));
+    g.append(el("text", { class: "inside", x, y: y + 11 }, node.kind === "browser" ? "tab" : "native"));
+    const below = y > cy ? y + 48 : y - 54;
+    g.append(el("text", { class: "name", x, y: below }, node.name + (node.role === "starter" ? " ★" : "")));
+    const detail = node.state === "loading" && node.download[1] > 0
+      ? `${Math.round((100 * node.download[0]) / node.download[1])}% downloaded`
+      : `${node.backend} · ${node.tok_s.toFixed(1)} tok/s` + (node.rtt_ms == null ? "" : ` · ${node.rtt_ms.toFixed(1)} ms`);
+    g.append(el("text", { x, y: below + 14 }, detail));
+    const title = el("title", {}, `${node.name}: ${node.kind}, ${node.backend} (${node.adapter}), ${node.state}` +
+      (node.failure ? ` — ${node.failure}` : ""));
+    g.append(title);
+    return g;
+  });
+  $("ring-nodes").replaceChildren(...groups);
+  // The token: one dot per ten sequences in flight, around the ring at the ring's pace.
+  const flow = [];
+  const inFlight = r.sequences.in_flight;
+  if (r.ready && inFlight > 0 && n > 0) {
+    const tokS = Math.max(...nodes.map((x) => x.tok_s), 0.5);
+    const lap = Math.min(Math.max(n / tokS, 0.4), 8);
+    for (let k = 0; k < Math.min(inFlight, 8); k++) {
+      const dot = el("circle", { class: "token", r: 6 });
+      const motion = el("animateMotion", {
+        dur: `${lap}s`, repeatCount: "indefinite", begin: `${(k * lap) / Math.min(inFlight, 8)}s`,
+        path: `M ${cx} ${cy - radius} A ${radius} ${radius} 0 1 1 ${cx - 0.01} ${cy - radius}`,
+      });
+      dot.append(motion);
+      flow.push(dot);
+    }
+  }
+  $("ring-flow").replaceChildren(...flow);
+  $("ring-center").textContent = r.ready ? `ready · ${n} node${n === 1 ? "" : "s"}` : "not ready";
+  $("ring-center2").textContent = r.ready
+    ? `${inFlight} sequence${inFlight === 1 ? "" : "s"} in flight`
+    : r.status.length > 48 ? r.status.slice(0, 46) + "…" : r.status;
+}
+
+// ---- Join by QR code or link.
+
+async function showJoin() {
+  try {
+    const q = new URLSearchParams({ room });
+    if (token) q.set("token", token);
+    const j = await (await fetch(`/api/join?${q}`)).json();
+    $("join-url").value = j.url;
+    $("qr").innerHTML = j.svg;
+    if (j.fingerprint) {
+      $("fingerprint").hidden = false;
+      $("fingerprint").textContent = `certificate SHA-256: ${j.fingerprint}`;
+    }
+  } catch {
+    $("join-url").value = location.href;
+  }
+}
+$("copy").addEventListener("click", async () => {
+  $("join-url").select();
+  try {
+    await navigator.clipboard.writeText($("join-url").value);
+    $("copy").textContent = "Copied";
+  } catch {
+    document.execCommand?.("copy");
+  }
+});
+
 // ---- The ring.
 
 async function refreshRing() {
@@ -232,6 +370,7 @@ async function refreshRing() {
     s.textContent = (r.ready ? "ring ready" : `ring not ready: ${r.status}`) +
       ` — ${r.model}, ${r.nodes.length} nodes, ${r.sequences.in_flight} sequences in flight`;
     s.className = r.ready ? "ready" : "muted";
+    drawMap(r);
     const rows = r.nodes.map((n) => {
       const cells = [n.name, n.kind, n.role ?? "–", n.layers ? `${n.layers[0]}–${n.layers[1]}` : "–", n.state,
         n.backend, n.tok_s.toFixed(1), n.rtt_ms == null ? "–" : n.rtt_ms.toFixed(2), mb(n.weight_bytes),
@@ -247,10 +386,12 @@ async function refreshRing() {
     });
     $("nodes").replaceChildren(...rows);
   } catch {
-    $("ring-status").textContent = "the server is not answering";
+    $("ring-status").textContent = "the server is not answering; this page keeps trying";
+    $("ring-status").className = "error";
   }
 }
 
 refreshRing();
 setInterval(refreshRing, 1000);
+showJoin();
 startNode();

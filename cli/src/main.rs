@@ -1,5 +1,5 @@
-//! `mdi`: run a model split into stages. For now: generate text on one node with the CPU
-//! oracle, and fetch the default model.
+//! `mdi`: generate and chat on one machine, join a ring as a node, fetch the default model,
+//! benchmark. Answers go to stdout; notes and diagnostics to stderr (`-v`, `RUST_LOG`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,9 +20,13 @@ use mdi_gpu::{GpuContext, GpuEngine};
 #[command(
     name = "mdi",
     version,
-    about = "Run a language model split across a ring of devices"
+    about = "Run a language model split across a ring of devices",
+    after_help = "Examples:\n  mdi generate --chat \"What is the capital of France?\"\n  mdi chat\n  mdi node --server http://192.168.1.20:8080\n  mdi completions bash > ~/.local/share/bash-completion/completions/mdi"
 )]
 struct Cli {
+    /// More diagnostics on stderr (-v: progress details, -vv: debugging); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,11 +34,31 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate text from a prompt or a chat message.
+    #[command(
+        after_help = "Examples:\n  mdi generate --chat \"What is the capital of France?\"\n  mdi generate --prompt \"Once upon a time\" --max-tokens 64 --temperature 0.8 --seed 7\n  mdi generate --nodes 3 --prompts prompts.jsonl --json"
+    )]
     Generate(GenerateArgs),
+    /// Chat in the terminal: several turns, answers streamed; Ctrl-C stops an answer.
+    #[command(
+        after_help = "Examples:\n  mdi chat\n  mdi chat --system \"Answer in one sentence.\" --backend cpu\n  mdi chat --server http://127.0.0.1:8080"
+    )]
+    Chat(ChatArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1) into the cache and print its path.
+    #[command(after_help = "Examples:\n  mdi fetch\n  MDI_CACHE_DIR=/data/models mdi fetch")]
     Fetch,
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  mdi completions bash > ~/.local/share/bash-completion/completions/mdi\n  mdi completions zsh > ~/.zfunc/_mdi"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Benchmarks that print tables: the GPU engine against the adapter's own bounds, and the
     /// ring against one node.
+    #[command(
+        after_help = "Examples:\n  mdi bench\n  mdi bench --skip-gpu --skip-cpu --nodes 4 --sequences 8\n  mdi bench --skip-gpu --skip-cpu --skip-ring --api 4 --api-backend cpu\n  sudo mdi bench --skip-gpu --skip-cpu --skip-ring --cluster 4"
+    )]
     Bench(BenchArgs),
     /// Join a ring as a node: download only the assigned layers from the server, link to the
     /// neighbours over WebRTC, and serve until stopped (Ctrl-C leaves the room cleanly).
@@ -45,10 +69,42 @@ enum Command {
 }
 
 #[derive(Args)]
+struct ChatArgs {
+    /// A GGUF file or a Hugging Face checkpoint folder [default: the cached default model].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Chat through a running ring's API instead of a local engine, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    server: Option<String>,
+    /// The API's token, with --server.
+    #[arg(long)]
+    token: Option<String>,
+    /// A system message that opens the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// 0 picks the most likely token every step (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
+}
+
+#[derive(Args)]
 struct NodeArgs {
     /// The signaling server, e.g. http://127.0.0.1:8080.
     #[arg(long)]
     server: String,
+    /// Trust an https server by its certificate's SHA-256 fingerprint (what `signaling --tls`
+    /// prints), instead of by a certificate authority.
+    #[arg(long)]
+    fingerprint: Option<String>,
     /// How the ring map and /api/ring call this device [default: host name + a short id].
     #[arg(long)]
     name: Option<String>,
@@ -64,6 +120,12 @@ struct NodeArgs {
     /// auto: a hardware GPU if there is one, else the CPU.
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// Threads of the CPU engine [default: one per core this process may use].
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Emulate a slower network: hold every incoming message this long (benchmarks).
+    #[arg(long, default_value_t = 0.0, hide = true)]
+    link_delay_ms: f64,
 }
 
 #[derive(Args)]
@@ -100,6 +162,26 @@ struct BenchArgs {
     /// Memory budget of each API benchmark node.
     #[arg(long, default_value = "2G")]
     api_memory: String,
+    /// Also run the emulated edge cluster (as root): 1..=N `mdi node` processes, each in its
+    /// own network namespace and cgroup, with shaped links, and S = N and 2N clients.
+    #[arg(long, value_name = "N")]
+    cluster: Option<usize>,
+    /// CPUs per cluster node (a cgroup CPU quota).
+    #[arg(long, default_value_t = 0.5)]
+    cluster_cpu: f64,
+    /// One-way delay of each cluster node's link, milliseconds.
+    #[arg(long, default_value_t = 2.0)]
+    cluster_delay_ms: f64,
+    /// Rate of each cluster node's link, Mbit/s.
+    #[arg(long, default_value_t = 100)]
+    cluster_rate_mbit: u32,
+    /// Memory limit of each node in the memory-capped table (a cgroup limit): below what one
+    /// node holding the whole model needs (the default suits the default model).
+    #[arg(long, default_value = "112M")]
+    cluster_memory: String,
+    /// Engine of the cluster's nodes.
+    #[arg(long, default_value = "cpu")]
+    cluster_backend: String,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -203,16 +285,43 @@ struct GenerateArgs {
 }
 
 fn main() {
+    private_runtime_dir();
+    let cli = Cli::parse();
+    let default = match cli.verbose {
+        0 => "warn",
+        1 => "info,webrtc=warn,rtc=warn,rtc_dtls=error,rtc_sctp=error",
+        _ => "debug",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,webrtc=warn,rtc=warn".into()),
+                .unwrap_or_else(|_| default.into()),
         )
         .init();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+    if let Err(e) = run(cli) {
+        // One line: what went wrong and, where the error knows, what to do.
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
+    }
+}
+
+/// The Vulkan loader prints errors when `XDG_RUNTIME_DIR` is missing; give it a private one
+/// (made before any thread starts, so setting the variable races with nothing).
+fn private_runtime_dir() {
+    let ok = std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir());
+    if ok {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("mdi-runtime-{}", std::process::id()));
+    if std::fs::create_dir_all(&dir).is_ok() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        }
+        // SAFETY of intent: main has not started any thread yet.
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
     }
 }
 
@@ -223,12 +332,15 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(args) => run_generate(args),
+        Command::Chat(args) => run_chat(args),
         Command::Node(args) => run_node(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "mdi", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Bench(args) => {
-            let path = match args.model {
-                Some(p) => p,
-                None => mdi::fetch::ensure_default_model()?,
-            };
+            let path = model_path(args.model)?;
             let model = mdi::open_model(&path)?;
             if !args.skip_cpu {
                 // First: it measures the resident memory of an engine before any other exists.
@@ -270,8 +382,118 @@ fn run(cli: Cli) -> Result<()> {
                     &rows,
                 );
             }
+            if let Some(n) = args.cluster {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let flag = stop.clone();
+                ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
+                    .context("cannot catch Ctrl-C")?;
+                let bench = mdi::bench_cluster::ClusterBench {
+                    model: path.clone(),
+                    max_nodes: n.max(1),
+                    cpu: args.cluster_cpu,
+                    delay_ms: args.cluster_delay_ms,
+                    rate_mbit: args.cluster_rate_mbit,
+                    max_tokens: args.max_tokens,
+                    memory_limit: mdi_runtime::platform::parse_bytes(&args.cluster_memory)
+                        .map_err(anyhow::Error::msg)?,
+                    backend: args.cluster_backend.clone(),
+                };
+                let (scaling, memory) = mdi::bench_cluster::run(&bench, stop)?;
+                mdi::bench::print_table(
+                    &format!(
+                        "Edge cluster: signaling + 1..{n} mdi node processes in their own network namespaces and cgroups, {}",
+                        path.display()
+                    ),
+                    &scaling,
+                );
+                mdi::bench::print_table(
+                    "Edge cluster under a per-node memory limit below the whole model's needs",
+                    &memory,
+                );
+            }
             Ok(())
         }
+    }
+}
+
+fn run_chat(args: ChatArgs) -> Result<()> {
+    if !(args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--temperature must be ≥ 0 and --top-p within (0, 1]");
+    }
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: 0,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
+        .context("cannot catch Ctrl-C")?;
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    if let Some(server) = args.server {
+        let mut remote = mdi::chat::Remote {
+            server,
+            token: args.token,
+            max_tokens: args.max_tokens,
+            params,
+            client: reqwest::blocking::Client::builder().timeout(None).build()?,
+        };
+        return mdi::chat::run(
+            &mut remote,
+            args.system,
+            &mut input,
+            &mut out,
+            &mut err,
+            &stop,
+        );
+    }
+    let path = model_path(args.model)?;
+    let model = mdi::open_model(&path)?;
+    let weights = StageWeights::load(
+        model.store.as_ref(),
+        &model.config,
+        &StageSpec::whole(&model.config),
+    )?;
+    let config = model.config.clone();
+    macro_rules! chat_on {
+        ($engine:expr) => {{
+            let mut local = mdi::chat::Local {
+                engine: $engine,
+                tokenizer: model.tokenizer,
+                config,
+                max_tokens: args.max_tokens,
+                params,
+            };
+            mdi::chat::run(
+                &mut local,
+                args.system,
+                &mut input,
+                &mut out,
+                &mut err,
+                &stop,
+            )
+        }};
+    }
+    match choose(args.backend)? {
+        Chosen::Gpu(ctx) => chat_on!(GpuEngine::new(ctx, model.config.clone(), weights, 128)?),
+        Chosen::Cpu => chat_on!(mdi_cpu::CpuEngine::new(model.config.clone(), weights, 0)?),
+        Chosen::Oracle => chat_on!(Oracle::new(model.config.clone(), weights)?),
+    }
+}
+
+/// `--model`, checked, or the default model (fetched once).
+fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
+    match model {
+        Some(p) if p.exists() => Ok(p),
+        Some(p) => bail!(
+            "there is no model at {}: pass --model a GGUF file or a Hugging Face folder, or leave \
+             --model out to use the default model",
+            p.display()
+        ),
+        None => mdi::fetch::ensure_default_model(),
     }
 }
 
@@ -290,15 +512,24 @@ fn run_node(args: NodeArgs) -> Result<()> {
         kind: mdi_runtime::protocol::NodeKind::Native,
         memory_budget,
         backend,
+        link_delay: std::time::Duration::from_secs_f64(args.link_delay_ms.max(0.0) / 1e3),
     };
-    mdi_runtime::native::run_node_blocking(opts, 0, node_status(), stop_signal())
-        .map_err(anyhow::Error::msg)
+    mdi_runtime::native::run_node_blocking(
+        opts,
+        args.threads,
+        args.fingerprint,
+        node_status(),
+        stop_signal(),
+    )
+    .map_err(anyhow::Error::msg)
 }
 
-/// What `mdi node` tells the person who started it, on stderr.
+/// What `mdi node` tells the person who started it, on stderr: state changes as lines, the
+/// download of its layers as a progress bar (plain lines when stderr is not a terminal).
 fn node_status() -> mdi_runtime::session::StatusSink {
     use mdi_runtime::session::Status;
-    std::rc::Rc::new(|s: &Status| match s {
+    let bar: std::cell::RefCell<Option<mdi::progress::Progress>> = Default::default();
+    std::rc::Rc::new(move |s: &Status| match s {
         Status::Profiled {
             backend,
             adapter,
@@ -321,12 +552,23 @@ fn node_status() -> mdi_runtime::session::StatusSink {
             done,
             total,
             cached,
-        } if done == total => eprintln!(
-            "downloaded {:.1} MB of layers ({:.1} MB from the cache)",
-            *total as f64 / 1e6,
-            *cached as f64 / 1e6
-        ),
-        Status::Downloading { .. } => {}
+        } => {
+            let mut b = bar.borrow_mut();
+            b.get_or_insert_with(|| {
+                mdi::progress::Progress::new("downloading this node's layers", *total)
+            })
+            .set(*done);
+            if done == total {
+                if let Some(p) = b.take() {
+                    p.finish();
+                }
+                eprintln!(
+                    "downloaded {:.1} MB of layers ({:.1} MB from the cache)",
+                    *total as f64 / 1e6,
+                    *cached as f64 / 1e6
+                );
+            }
+        }
         Status::Ready { .. } => eprintln!("ready"),
         Status::Unassigned { reason } => eprintln!("waiting: {reason}"),
         Status::Failed { message } => eprintln!("this assignment failed: {message}"),
@@ -406,10 +648,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     if !(args.temperature >= 0.0 && (0.0..=1.0).contains(&args.top_p)) {
         bail!("--temperature must be ≥ 0 and --top-p within 0..=1");
     }
-    let path = match args.model.clone() {
-        Some(p) => p,
-        None => mdi::fetch::ensure_default_model()?,
-    };
+    let path = model_path(args.model.clone())?;
     let model = mdi::open_model(&path)?;
     let tok = &model.tokenizer;
     if args.prompts.is_some() || args.nodes > 1 {

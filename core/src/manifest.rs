@@ -421,6 +421,75 @@ impl ByteSource for SparseSource {
     }
 }
 
+/// A [`SparseSource`] that hands a piece over instead of copying it when a read asks for
+/// exactly that piece (a node downloads one piece per tensor): loading a stage from it leaves
+/// the download empty, so a node needs its share of memory once, not twice, while it loads.
+/// Other reads copy, as from a plain [`SparseSource`].
+#[derive(Debug)]
+pub struct HandOver {
+    name: String,
+    len: u64,
+    inner: std::sync::Mutex<SparseSource>,
+}
+
+impl HandOver {
+    pub fn new(source: SparseSource) -> Self {
+        Self {
+            name: source.name.clone(),
+            len: source.len,
+            inner: std::sync::Mutex::new(source),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SparseSource> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes still held (not yet handed over).
+    pub fn held_bytes(&self) -> u64 {
+        self.lock().held_bytes()
+    }
+}
+
+impl ByteSource for HandOver {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.lock().read_at(offset, buf)
+    }
+
+    fn read_vec(&self, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+        let mut inner = self.lock();
+        if inner
+            .pieces
+            .get(&offset)
+            .is_some_and(|b| b.len() as u64 == len)
+        {
+            if let Some(bytes) = inner.pieces.remove(&offset) {
+                return Ok(bytes);
+            }
+        }
+        let end = offset.saturating_add(len);
+        if end > self.len {
+            return Err(Error::Truncated {
+                file: self.name.clone(),
+                what: what.to_string(),
+                needed: end,
+                len: self.len,
+            });
+        }
+        let mut buf = vec![0u8; len as usize];
+        inner.read_at(offset, &mut buf)?;
+        Ok(buf)
+    }
+}
+
 /// A tensor store over a manifest and the bytes of its files (typically [`SparseSource`]s).
 pub struct ManifestStore<S> {
     manifest: Manifest,
@@ -526,5 +595,31 @@ mod tests {
         assert_eq!(s.held(0), vec![fr(0, 10, 30)]);
         s.retain(&[fr(0, 0, 12)]);
         assert_eq!(s.held_bytes(), 10);
+    }
+
+    #[test]
+    fn hand_over_moves_whole_pieces_and_copies_the_rest() {
+        let mut s = SparseSource::new("f", 100);
+        let a: Vec<u8> = (0..10).collect();
+        let b: Vec<u8> = (10..30).collect();
+        s.insert(10, a.clone()).unwrap();
+        s.insert(20, b.clone()).unwrap();
+        let h = HandOver::new(s);
+        // A read across both pieces copies and leaves them.
+        assert_eq!(
+            h.read_vec(15, 10, "t").unwrap(),
+            [&a[5..], &b[..5]].concat()
+        );
+        assert_eq!(h.held_bytes(), 30);
+        // Exactly one piece: handed over, gone from the source.
+        assert_eq!(h.read_vec(20, 20, "t").unwrap(), b);
+        assert_eq!(h.held_bytes(), 10);
+        assert!(
+            h.read_vec(20, 20, "t").is_err(),
+            "a piece is handed over once"
+        );
+        assert!(h.read_vec(95, 10, "t").is_err(), "past the end");
+        assert_eq!(h.read_vec(10, 10, "t").unwrap(), a);
+        assert_eq!(h.held_bytes(), 0);
     }
 }

@@ -93,6 +93,7 @@ pub fn start_node(options: &str, on_status: js_sys::Function) -> Result<NodeHand
         kind: NodeKind::Browser,
         memory_budget: budget as u64,
         backend,
+        link_delay: std::time::Duration::ZERO,
     };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (lost_tx, lost_rx) = oneshot::channel::<String>();

@@ -18,6 +18,8 @@ pub mod exec;
 pub mod local;
 #[cfg(not(target_family = "wasm"))]
 pub mod native;
+#[cfg(not(target_family = "wasm"))]
+pub mod pinned;
 pub mod platform;
 pub mod protocol;
 pub mod session;

@@ -32,6 +32,8 @@ const CPU_MAX_BATCH: usize = 8;
 /// otherwise.
 pub struct NativePlatform {
     http: reqwest::Client,
+    /// TLS trusting the server's pinned certificate, when a fingerprint was given.
+    pinned: Option<Arc<rustls::ClientConfig>>,
     gpu: OnceCell<Option<Arc<GpuContext>>>,
     /// Where WebRTC sockets bind, and whether only loopback candidates are used.
     rtc_bind: IpAddr,
@@ -41,8 +43,10 @@ pub struct NativePlatform {
 }
 
 impl NativePlatform {
-    /// A platform for a node of the server at `server` (an http(s) URL).
-    pub fn new(server: &str) -> PlatformResult<Self> {
+    /// A platform for a node of the server at `server` (an http(s) URL). With `fingerprint`
+    /// (the SHA-256 of the server's certificate, hex, colons optional) an `https` server is
+    /// trusted by that certificate alone, as for a self-signed one made by `signaling --tls`.
+    pub fn new(server: &str, fingerprint: Option<&str>) -> PlatformResult<Self> {
         let url = url::Url::parse(server).map_err(|e| format!("bad server URL `{server}`: {e}"))?;
         let host = url
             .host_str()
@@ -55,11 +59,19 @@ impl NativePlatform {
         } else {
             local_ip_towards(SocketAddr::new(ip, port))?
         };
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
+        let pinned = match fingerprint {
+            Some(f) => Some(Arc::new(crate::pinned::client_config(f)?)),
+            None => None,
+        };
+        let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(c) = &pinned {
+            http = http.use_preconfigured_tls((**c).clone());
+        }
+        let http = http
             .build()
             .map_err(|e| format!("cannot set up HTTP: {e}"))?;
         Ok(Self {
+            pinned,
             http,
             gpu: OnceCell::new(),
             rtc_bind,
@@ -93,6 +105,40 @@ impl NativePlatform {
             })
             .await
             .clone()
+    }
+
+    async fn build_exec(
+        &self,
+        backend: Backend,
+        config: Config,
+        weights: StageWeights<RawTensor>,
+    ) -> PlatformResult<BoxExec> {
+        match backend {
+            Backend::Gpu => {
+                let ctx = self.gpu().await.ok_or("no GPU adapter")?;
+                let engine = GpuEngine::new(ctx.clone(), config, weights, GPU_MAX_BATCH)
+                    .map_err(|e| format!("GPU engine: {e}"))?;
+                let bytes = engine.weight_bytes();
+                let name = format!("gpu ({})", ctx.info.name);
+                Ok(Box::new(ThreadedExec::new(engine, bytes, name)) as BoxExec)
+            }
+            Backend::Cpu | Backend::Auto => {
+                let engine = mdi_cpu::CpuEngine::new(config, weights, self.cpu_threads)
+                    .map_err(|e| e.to_string())?;
+                let bytes = engine.weight_bytes();
+                Ok(Box::new(ThreadedExec::with_batch(
+                    engine,
+                    bytes,
+                    "cpu",
+                    CPU_MAX_BATCH,
+                )) as BoxExec)
+            }
+            Backend::Oracle => {
+                let oracle = Oracle::new(config, weights).map_err(|e| e.to_string())?;
+                let bytes = oracle.weight_bytes();
+                Ok(Box::new(ThreadedExec::new(oracle, bytes, "oracle")) as BoxExec)
+            }
+        }
     }
 
     fn rtc_config(&self, label: String) -> WebRtcConfig {
@@ -206,14 +252,22 @@ impl Answering for NativeAnswering {
 impl Platform for NativePlatform {
     fn connect(&self, url: &str) -> LocalBoxFuture<'static, PlatformResult<ControlChannel>> {
         let url = url.to_string();
+        let connector = self
+            .pinned
+            .clone()
+            .map(tokio_tungstenite::Connector::Rustls);
         Box::pin(async move {
             let config = WebSocketConfig::default()
                 .max_message_size(Some(MAX_CONTROL_MESSAGE))
                 .max_frame_size(Some(MAX_CONTROL_MESSAGE));
-            let (ws, _) =
-                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false)
-                    .await
-                    .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+                url.as_str(),
+                Some(config),
+                false,
+                connector,
+            )
+            .await
+            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
             let (mut write, read) = ws.split();
             let (out, mut rx) = mpsc::unbounded_channel::<WsMessage>();
             // One writer task owns the socket's sending half.
@@ -335,32 +389,11 @@ impl Platform for NativePlatform {
     ) -> LocalBoxFuture<'_, PlatformResult<BoxExec>> {
         let config = config.clone();
         Box::pin(async move {
-            match backend {
-                Backend::Gpu => {
-                    let ctx = self.gpu().await.ok_or("no GPU adapter")?;
-                    let engine = GpuEngine::new(ctx.clone(), config, weights, GPU_MAX_BATCH)
-                        .map_err(|e| format!("GPU engine: {e}"))?;
-                    let bytes = engine.weight_bytes();
-                    let name = format!("gpu ({})", ctx.info.name);
-                    Ok(Box::new(ThreadedExec::new(engine, bytes, name)) as BoxExec)
-                }
-                Backend::Cpu | Backend::Auto => {
-                    let engine = mdi_cpu::CpuEngine::new(config, weights, self.cpu_threads)
-                        .map_err(|e| e.to_string())?;
-                    let bytes = engine.weight_bytes();
-                    Ok(Box::new(ThreadedExec::with_batch(
-                        engine,
-                        bytes,
-                        "cpu",
-                        CPU_MAX_BATCH,
-                    )) as BoxExec)
-                }
-                Backend::Oracle => {
-                    let oracle = Oracle::new(config, weights).map_err(|e| e.to_string())?;
-                    let bytes = oracle.weight_bytes();
-                    Ok(Box::new(ThreadedExec::new(oracle, bytes, "oracle")) as BoxExec)
-                }
-            }
+            let exec = self.build_exec(backend, config, weights).await;
+            // The download and the loaded tensors were freed as the engine took its copy;
+            // hand those pages back so the node's resident memory is what it holds.
+            release_freed_memory();
+            exec
         })
     }
 
@@ -431,6 +464,7 @@ pub fn default_memory_budget() -> u64 {
 pub fn run_node_blocking(
     opts: crate::session::NodeOptions,
     cpu_threads: usize,
+    fingerprint: Option<String>,
     status: crate::session::StatusSink,
     stop: impl std::future::Future<Output = ()> + 'static,
 ) -> Result<(), String> {
@@ -439,10 +473,21 @@ pub fn run_node_blocking(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let platform = NativePlatform::new(&opts.server)?.with_cpu_threads(cpu_threads);
+    let platform =
+        NativePlatform::new(&opts.server, fingerprint.as_deref())?.with_cpu_threads(cpu_threads);
     rt.block_on(async move {
         crate::session::run(&platform, opts, status, Box::pin(stop))
             .await
             .map_err(|e| e.to_string())
     })
+}
+
+/// Returns freed heap pages to the system (glibc keeps them otherwise, and the process's
+/// resident memory would count a download that is long gone).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

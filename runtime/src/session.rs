@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::channel::mpsc;
 use futures::future::{self, Either, LocalBoxFuture};
 use futures::{FutureExt, StreamExt};
-use mdi_core::manifest::{Manifest, ManifestStore, SparseSource};
+use mdi_core::manifest::{HandOver, Manifest, ManifestStore, SparseSource};
 use mdi_core::node::{Node, NodeConfig};
 use mdi_core::sampling::Rng;
 use mdi_core::starter::{Event, Finish, SeqRequest, Starter, StarterConfig};
@@ -54,6 +54,9 @@ pub struct NodeOptions {
     /// Bytes the node may spend on weights and KV caches.
     pub memory_budget: u64,
     pub backend: Backend,
+    /// Extra one-way latency on the node's incoming links, to emulate a slower network in
+    /// benchmarks (zero: none). Native only.
+    pub link_delay: Duration,
 }
 
 /// Why a session ended.
@@ -783,6 +786,8 @@ async fn serve_assignment(
     });
     let sources = download(ctx, &spec, id, a.epoch).await?;
     let exec: BoxExec = {
+        // Each tensor's downloaded bytes move into the loaded stage, not copied.
+        let sources = sources.into_iter().map(HandOver::new).collect();
         let store = ManifestStore::new(manifest.clone(), sources).map_err(|e| e.to_string())?;
         let weights = StageWeights::load(&store, config, &spec).map_err(|e| e.to_string())?;
         // The downloaded pieces go with the store: only the engine's copy stays resident.
@@ -791,6 +796,22 @@ async fn serve_assignment(
     };
     state.borrow_mut().weight_bytes = exec.weight_bytes();
     let hops = link(ctx, a, signal_rx).await?;
+    // What this node holds is known now: the server has it before the ring is ready, not
+    // only at the next heartbeat.
+    let held = NodeReport {
+        epoch: a.epoch,
+        tok_s: 0.0,
+        rtt_ms: None,
+        weight_bytes: exec.weight_bytes(),
+        kv_bytes: 0,
+        rss_bytes: ctx.platform.rss_bytes(),
+        sequences: 0,
+        queued: 0,
+        peak_sequences: 0,
+    };
+    send(&**tx, &ToServer::Stats(held))
+        .await
+        .map_err(|e| e.to_string())?;
     send(&**tx, &ToServer::Ready { epoch: a.epoch })
         .await
         .map_err(|e| e.to_string())?;
@@ -956,6 +977,11 @@ async fn link(
         futures::future::join(offering.finish(answer), answering.finish()).await;
     let (l, back) = next_link?;
     let (back_tx, inbox) = prev_link?;
+    #[cfg(not(target_family = "wasm"))]
+    let (back, inbox) = (
+        mdi_transport::shaping::delayed(back, ctx.opts.link_delay),
+        mdi_transport::shaping::delayed(inbox, ctx.opts.link_delay),
+    );
     hops.next = Some((l, back));
     hops.prev = Some((inbox, back_tx));
     Ok(hops)

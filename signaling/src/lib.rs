@@ -11,10 +11,12 @@
 //! [`app`] builds the router in one place so tests can serve it on port 0.
 
 pub mod api;
+pub mod join;
 pub mod local;
 pub mod model;
 pub mod room;
 pub mod status;
+pub mod tls;
 pub mod ws;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,6 +46,10 @@ pub struct AppState {
     pub started: u64,
     /// The page (`web/`: index.html, app.js, the wasm bundle in pkg/), if there is one.
     pub web_dir: Option<std::path::PathBuf>,
+    /// How phones reach this server (for join links).
+    pub reach: join::Reach,
+    /// The TLS certificate's SHA-256 fingerprint, when serving HTTPS.
+    pub fingerprint: Option<String>,
     hub: Mutex<Hub>,
 }
 
@@ -62,6 +68,12 @@ impl AppState {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             web_dir: None,
+            reach: join::Reach {
+                public_url: None,
+                bound: None,
+                scheme: "http",
+            },
+            fingerprint: None,
             hub: Mutex::new(hub),
         }
     }
@@ -104,6 +116,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/status", get(status::page))
         .nest_service("/web", tower_http::services::ServeDir::new(web))
         .route("/api/ring", get(status::ring))
+        .route("/api/join", get(join::join))
         .route("/ws", get(ws::upgrade))
         .route("/model/manifest", get(model::manifest))
         .route("/model/file/{index}", get(model::file))

@@ -7,15 +7,32 @@ use mdi_runtime::platform::Backend;
 use mdi_runtime::protocol::NodeKind;
 use mdi_runtime::session::NodeOptions;
 
+/// The server's local nodes; [`stop`](Self::stop) makes them leave the room.
+#[derive(Default)]
+pub struct LocalNodes {
+    stops: Vec<futures::channel::oneshot::Sender<()>>,
+}
+
+impl LocalNodes {
+    /// Every local node leaves its room and stops.
+    pub fn stop(self) {
+        for s in self.stops {
+            let _ = s.send(());
+        }
+    }
+}
+
 /// Starts `n` local nodes that join `room` of the server at `server`.
 pub fn start(
     n: usize,
     server: &str,
     room: &str,
     token: Option<String>,
+    fingerprint: Option<String>,
     memory_budget: u64,
     backend: Backend,
-) {
+) -> LocalNodes {
+    let mut nodes = LocalNodes::default();
     // The nodes share this machine's cores.
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let threads = (cores / n.max(1)).max(1);
@@ -28,15 +45,22 @@ pub fn start(
             kind: NodeKind::Native,
             memory_budget,
             backend,
+            link_delay: std::time::Duration::ZERO,
         };
+        let fingerprint = fingerprint.clone();
+        let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
+        nodes.stops.push(stop_tx);
         let spawned = std::thread::Builder::new()
             .name(format!("local node {i}"))
             .spawn(move || {
                 if let Err(e) = run_node_blocking(
                     opts,
                     threads,
+                    fingerprint,
                     mdi_runtime::session::no_status(),
-                    std::future::pending(),
+                    async move {
+                        let _ = stop_rx.await;
+                    },
                 ) {
                     tracing::error!("local node {i}: {e}");
                 }
@@ -45,4 +69,5 @@ pub fn start(
             tracing::error!("cannot start local node {i}: {e}");
         }
     }
+    nodes
 }

@@ -60,6 +60,20 @@ struct Args {
     /// [default: web/ of this source tree].
     #[arg(long)]
     web: Option<PathBuf>,
+    /// Serve HTTPS with a self-signed certificate made at start (phones need a secure context
+    /// for WebGPU); the certificate's fingerprint is printed on stderr.
+    #[arg(long)]
+    tls: bool,
+    /// Serve HTTPS with this certificate chain (PEM) instead of a self-signed one.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The base URL phones use to reach this server, for join links and QR codes
+    /// [default: the address the browser used, or this machine's LAN address].
+    #[arg(long)]
+    public_url: Option<String>,
     /// Element type of activations between nodes: f16 halves the bytes per hop; f32 keeps
     /// every answer bit-identical to a single node's.
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
@@ -119,35 +133,97 @@ fn run(args: Args) -> Result<()> {
             web.display()
         );
     }
-    let state = Arc::new(state);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&args.bind)
-            .await
+        let listener = std::net::TcpListener::bind(&args.bind)
             .with_context(|| format!("cannot listen on {}", args.bind))?;
+        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let url = format!("http://{addr}");
+        let tls = if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            Some(signaling::tls::from_files(cert, key)?)
+        } else if args.tls {
+            let mut ips = vec![addr.ip()];
+            ips.extend(lan_ip());
+            Some(signaling::tls::self_signed(&ips)?)
+        } else {
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        state.reach = signaling::join::Reach {
+            public_url: args.public_url.clone(),
+            bound: Some(addr),
+            scheme,
+        };
+        if let Some(t) = &tls {
+            state.fingerprint = Some(t.fingerprint.clone());
+        }
+        let state = Arc::new(state);
+        let url = format!("{scheme}://{addr}");
         println!("listening on {url}");
         std::io::stdout().flush()?;
+        if let Some(t) = &tls {
+            // On stderr, so stdout stays the one line tests and scripts read.
+            eprintln!("tls certificate sha256 fingerprint: {}", t.fingerprint);
+            eprintln!("tls public key sha256 (spki, base64): {}", t.spki_sha256);
+        }
         tracing::info!("serving {} ({})", path.display(), state.model.id);
         spawn_ticker(&state);
-        if args.local_nodes > 0 {
+        let local = if args.local_nodes > 0 {
             signaling::local::start(
                 args.local_nodes,
                 &url,
                 DEFAULT_ROOM,
                 args.token.clone(),
+                tls.as_ref().map(|t| t.fingerprint.clone()),
                 node_memory,
                 backend,
-            );
+            )
+        } else {
+            Default::default()
+        };
+        // On Ctrl-C or SIGTERM the local nodes leave the room first, then the server stops.
+        let stopping = async move {
+            shutdown().await;
+            local.stop();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let service = app(state).into_make_service();
+        match tls {
+            None => {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                axum::serve(listener, service)
+                    .with_graceful_shutdown(stopping)
+                    .await
+                    .context("serving")
+            }
+            Some(t) => {
+                let handle = axum_server::Handle::new();
+                let h = handle.clone();
+                tokio::spawn(async move {
+                    stopping.await;
+                    h.graceful_shutdown(Some(Duration::from_secs(2)));
+                });
+                let config = axum_server::tls_rustls::RustlsConfig::from_config(t.config);
+                axum_server::from_tcp_rustls(listener, config)
+                    .handle(handle)
+                    .serve(service)
+                    .await
+                    .context("serving")
+            }
         }
-        axum::serve(listener, app(state))
-            .with_graceful_shutdown(shutdown())
-            .await
-            .context("serving")
     })
+}
+
+/// This machine's LAN address, if it has one (nothing is sent).
+fn lan_ip() -> Option<std::net::IpAddr> {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+    let s = UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)).ok()?;
+    s.connect(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 9))
+        .ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback()).then_some(ip)
 }
 
 async fn shutdown() {

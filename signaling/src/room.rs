@@ -191,6 +191,12 @@ impl Room {
         self.epoch += 1;
         let epoch = self.epoch;
         self.ring = None;
+        // Nobody is part of a ring until the new plan says so.
+        for m in self.members.values_mut() {
+            if m.state != MemberState::Failed {
+                m.state = MemberState::Joined;
+            }
+        }
         if candidates.len() < cfg.min_nodes.max(1) {
             self.status = format!(
                 "waiting for nodes: {} of {} have joined",

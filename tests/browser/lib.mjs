@@ -29,8 +29,9 @@ if (!process.env.MDI_IN_NETNS) {
 execFileSync("ip", ["link", "set", "lo", "up"]);
 
 const { default: puppeteer } = await import("puppeteer-core");
+// The binaries of a release build (`$MDI_BIN_DIR` when they were built elsewhere).
 const bin = (name) => {
-  const p = join(root, "target", "release", name);
+  const p = join(process.env.MDI_BIN_DIR || join(root, "target", "release"), name);
   if (!existsSync(p)) throw new Error(`${p} is missing: cargo build --release -p ${name}`);
   return p;
 };
@@ -70,56 +71,89 @@ export async function waitFor(what, timeoutMs, check) {
   }
 }
 
+// Starts the server; resolves with its URL (and, with --tls, the certificate's fingerprint
+// and public-key hash it prints on stderr).
 export function startServer(args) {
-  const child = spawn(SIGNALING, ["--bind", "127.0.0.1:0", ...args], { stdio: ["ignore", "pipe", "inherit"] });
+  const child = spawn(SIGNALING, ["--bind", "127.0.0.1:0", ...args], { stdio: ["ignore", "pipe", "pipe"] });
   children.push(child);
+  const tls = {};
+  let tlsLines = 0;
+  const wantTls = args.includes("--tls");
+  const seen = new Promise((resolve) => {
+    if (!wantTls) return resolve();
+    readline.createInterface({ input: child.stderr }).on("line", (line) => {
+      process.stderr.write(line + "\n");
+      let m = /tls certificate sha256 fingerprint: (\S+)/.exec(line);
+      if (m) { tls.fingerprint = m[1]; tlsLines++; }
+      m = /tls public key sha256 \(spki, base64\): (\S+)/.exec(line);
+      if (m) { tls.spki = m[1]; tlsLines++; }
+      if (tlsLines === 2) resolve();
+    });
+  });
+  if (!wantTls) child.stderr.pipe(process.stderr);
   return new Promise((resolve, reject) => {
     const rl = readline.createInterface({ input: child.stdout });
-    rl.once("line", (line) => {
-      const m = /^listening on (http:\/\/\S+)$/.exec(line);
-      m ? resolve({ child, url: m[1] }) : reject(new Error(`unexpected server output: ${line}`));
+    rl.once("line", async (line) => {
+      const m = /^listening on (https?:\/\/\S+)$/.exec(line);
+      if (!m) return reject(new Error(`unexpected server output: ${line}`));
+      await seen;
+      resolve({ child, url: m[1], ...tls });
     });
     child.once("exit", (code) => reject(new Error(`signaling exited with ${code}`)));
   });
 }
 
-export function startNode(url, name, backend = "oracle") {
-  const child = spawn(MDI, ["node", "--server", url, "--name", name, "--token", TOKEN, "--backend", backend, "--memory-budget", "2G"], {
+export function startNode(url, name, backend = "oracle", extra = []) {
+  const child = spawn(MDI, ["node", "--server", url, "--name", name, "--token", TOKEN, "--backend", backend, "--memory-budget", "2G", ...extra], {
     stdio: ["ignore", "ignore", "inherit"],
   });
   children.push(child);
   return child;
 }
 
-export async function openTab(url, name) {
+// Chromium's flags for a simulated device; `keepAwake` also turns off background throttling
+// (the hidden-tab test measures with it on).
+function chromiumArgs(keepAwake, extra) {
+  const args = [
+    "--no-sandbox",
+    "--enable-unsafe-webgpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--allow-loopback-in-peer-connection",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+  ];
+  if (keepAwake) {
+    args.push(
+      "--disable-background-timer-throttling",
+      "--disable-renderer-backgrounding",
+      "--disable-backgrounding-occluded-windows",
+    );
+  }
+  return args.concat(extra);
+}
+
+// A simulated device: its own Chromium process and profile, on the page of room `default`.
+// Options: viewport, args (extra flags), keepAwake (default true), href (the whole URL).
+export async function openTab(url, name, opts = {}) {
   const browser = await puppeteer.launch({
     executablePath: CHROMIUM,
     headless: true,
     userDataDir: mkdtempSync(join(tmpdir(), `mdi-${name}-`)),
-    args: [
-      "--no-sandbox",
-      "--enable-unsafe-webgpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-      "--allow-loopback-in-peer-connection",
-      "--use-fake-ui-for-media-stream",
-      "--use-fake-device-for-media-stream",
-      // A hidden or throttled tab must keep computing its layers.
-      "--disable-background-timer-throttling",
-      "--disable-renderer-backgrounding",
-      "--disable-backgrounding-occluded-windows",
-    ],
+    args: chromiumArgs(opts.keepAwake ?? true, opts.args ?? []),
+    acceptInsecureCerts: false,
   });
   browsers.push(browser);
   const page = await browser.newPage();
+  if (opts.viewport) await page.setViewport(opts.viewport);
   page.on("console", (m) => {
     if (m.type() === "error") consoleErrors.push(`${name}: ${m.text()}`);
   });
   page.on("pageerror", (e) => consoleErrors.push(`${name}: ${e.message}`));
-  await page.goto(`${url}/?room=default&token=${TOKEN}&name=${name}&memory=2G`);
+  await page.goto(opts.href ?? `${url}/?room=default&token=${TOKEN}&name=${name}&memory=2G`);
   return { browser, page, name };
 }
 
@@ -132,6 +166,22 @@ export async function waitReady(url, n, timeoutMs = 300_000) {
     const r = await ring(url);
     return r.ready && r.nodes.length === n ? r : false;
   });
+}
+
+// The page's chat box: asks `question` and returns the answer once it has streamed in.
+export async function chatInPage(page, question, timeout = 300_000) {
+  const before = await page.$$eval(".msg.assistant", (e) => e.length);
+  await page.type("#prompt", question);
+  await page.click("#send");
+  await page.waitForFunction(
+    (n) => {
+      const all = document.querySelectorAll(".msg.assistant");
+      return all.length > n && all[all.length - 1].dataset.state === "done";
+    },
+    { timeout },
+    before,
+  );
+  return page.$$eval(".msg.assistant", (e) => e[e.length - 1].textContent);
 }
 
 export async function apiAnswer(url, question) {
@@ -147,7 +197,7 @@ export async function apiAnswer(url, question) {
 
 // The single-node greedy answer, from the CLI on this machine.
 export function singleNode(question) {
-  const out = execFileSync(MDI, ["generate", "--chat", question, "--max-tokens", String(MAX_TOKENS), "--backend", "cpu", "--json"], {
+  const out = execFileSync(MDI, ["generate", "--chat", question, "--max-tokens", String(MAX_TOKENS), "--backend", "oracle", "--json"], {
     encoding: "utf8",
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -206,14 +256,22 @@ export async function streamOne(url, question, maxTokens) {
     }),
   });
   assert.equal(resp.status, 200);
-  const text = await resp.text();
+  // Read as it streams, so the first content's time is when it arrived.
   let first = null;
   let tokens = 0;
-  for (const line of text.split("\n")) {
-    if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-    const v = JSON.parse(line.slice(6));
-    if (v.choices?.[0]?.delta?.content && first === null) first = performance.now() - t0;
-    if (v.usage) tokens = v.usage.completion_tokens;
+  let buf = "";
+  const decoder = new TextDecoder();
+  for await (const chunk of resp.body) {
+    buf += decoder.decode(chunk, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n")) >= 0) {
+      const line = buf.slice(0, cut);
+      buf = buf.slice(cut + 1);
+      if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+      const v = JSON.parse(line.slice(6));
+      if (v.choices?.[0]?.delta?.content && first === null) first = performance.now() - t0;
+      if (v.usage) tokens = v.usage.completion_tokens;
+    }
   }
   return { tokens, ttft: first ?? performance.now() - t0, end: performance.now() - t0 };
 }

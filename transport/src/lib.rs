@@ -19,6 +19,8 @@ mod error;
 pub mod in_process;
 mod link;
 #[cfg(not(target_family = "wasm"))]
+pub mod shaping;
+#[cfg(not(target_family = "wasm"))]
 pub mod webrtc;
 
 pub use error::{Error, Result};

@@ -180,34 +180,48 @@ impl WebRtcPeer {
         let (gathered_tx, gathered) = watch::channel(false);
         let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
         let (incoming_tx, incoming) = mpsc::channel(4);
-        let handler = Handler {
+        let handler = Arc::new(Handler {
             gathered: gathered_tx,
             state: state_tx,
             incoming: incoming_tx,
+        });
+        let build = |mdns: MulticastDnsMode, handler: Arc<Handler>| {
+            let settings = SettingEngineBuilder::new()
+                .with_multicast_dns_mode(mdns)
+                .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(
+                    // Checked above to be at most 256 KiB.
+                    config.max_message_size as u32,
+                ))
+                .build();
+            PeerConnectionBuilder::new()
+                .with_setting_engine(settings)
+                .with_handler(handler)
+                .with_udp_addrs(vec![config.bind_addr])
+                .with_data_channel_send_buffer_limit(config.send_buffer_limit.max(1))
+                .build()
         };
-        let settings = SettingEngineBuilder::new()
-            .with_multicast_dns_mode(if config.resolve_mdns {
-                MulticastDnsMode::QueryOnly
-            } else {
-                MulticastDnsMode::Disabled
-            })
-            .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(
-                // Checked above to be at most 256 KiB.
-                config.max_message_size as u32,
-            ))
-            .build();
-        let pc = PeerConnectionBuilder::new()
-            .with_setting_engine(settings)
-            .with_handler(Arc::new(handler))
-            .with_udp_addrs(vec![config.bind_addr])
-            .with_data_channel_send_buffer_limit(config.send_buffer_limit.max(1))
-            .build()
-            .await
-            .map_err(|source| Error::WebRtc {
-                peer: config.label.clone(),
-                what: "create the peer connection",
-                source,
-            })?;
+        let pc = if config.resolve_mdns {
+            match build(MulticastDnsMode::QueryOnly, handler.clone()).await {
+                Ok(pc) => Ok(pc),
+                Err(e) => {
+                    // A host without a multicast route (a bare network namespace, some
+                    // containers) cannot open the mDNS socket: go on without it; only a
+                    // browser's `.local` candidates need it.
+                    tracing::warn!(
+                        "{}: no mDNS ({e}); `.local` candidates will not resolve",
+                        config.label
+                    );
+                    build(MulticastDnsMode::Disabled, handler).await
+                }
+            }
+        } else {
+            build(MulticastDnsMode::Disabled, handler).await
+        }
+        .map_err(|source| Error::WebRtc {
+            peer: config.label.clone(),
+            what: "create the peer connection",
+            source,
+        })?;
         let pc: Arc<dyn PeerConnection> = Arc::new(pc);
         Ok(Self {
             config,

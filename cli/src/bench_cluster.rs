@@ -1,0 +1,596 @@
+//! `mdi bench --cluster`: the MDI-LLM experiment on one machine. A `signaling` server and N
+//! `mdi node` processes, each node in its own network namespace behind a veth pair on a bridge,
+//! with a CPU quota and (for the memory table) a memory limit of its own cgroup; requests come
+//! through the API from S concurrent clients. It prints, for N = 1..max: aggregate tokens per
+//! second and the scaling against one node, time to first token, each node's resident memory
+//! against its share of the weights, and the hop latency; then the model under a per-node
+//! memory limit too small for one node: one node cannot hold it, N nodes serve it.
+//!
+//! Links: each node's uplink is rate-limited with `tc` (token bucket) and delayed with `netem`
+//! where the kernel has it; where it does not (some VM kernels), the delay is applied by the
+//! nodes' own links instead (a delay line on every incoming message), and the table says so.
+//! Everything it makes — processes, cgroups, namespaces — is removed when it ends, also on
+//! Ctrl-C. Needs root (namespaces, cgroup v1 at /sys/fs/cgroup) and the `signaling` binary
+//! beside this one.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::bench::Row;
+
+/// How to run the cluster benchmark.
+#[derive(Debug, Clone)]
+pub struct ClusterBench {
+    pub model: PathBuf,
+    pub max_nodes: usize,
+    /// CPUs per node (cgroup CPU quota).
+    pub cpu: f64,
+    /// One-way delay of each node's link, milliseconds.
+    pub delay_ms: f64,
+    /// Rate of each node's link, Mbit/s.
+    pub rate_mbit: u32,
+    pub max_tokens: usize,
+    /// Per-node memory limit of the memory table, bytes.
+    pub memory_limit: u64,
+    pub backend: String,
+}
+
+const SUBNET: &str = "10.77.0";
+
+fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Namespaces, links, cgroups and processes of one run; dropping it removes them all.
+struct Cluster {
+    tag: String,
+    nodes: usize,
+    children: Vec<Child>,
+    cgroups: Vec<PathBuf>,
+    netem: bool,
+}
+
+impl Cluster {
+    fn switch(&self) -> String {
+        format!("{}-sw", self.tag)
+    }
+
+    /// Where a process of this run writes its log (kept after the run, for a failed one).
+    fn log(&self, what: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("mdi-cluster-{what}.log"))
+    }
+
+    fn node_ns(&self, i: usize) -> String {
+        format!("{}-n{i}", self.tag)
+    }
+
+    /// The bridge namespace (server, clients) and one namespace per node, each behind a veth
+    /// pair whose node end is shaped.
+    fn build(tag: String, nodes: usize, delay_ms: f64, rate_mbit: u32) -> Result<Self> {
+        let mut c = Cluster {
+            tag,
+            nodes: 0,
+            children: Vec::new(),
+            cgroups: Vec::new(),
+            netem: false,
+        };
+        let sw = c.switch();
+        sh(&["ip", "netns", "add", &sw])?;
+        sh(&["ip", "-n", &sw, "link", "set", "lo", "up"])?;
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &sw,
+            "addr",
+            "add",
+            &format!("{SUBNET}.1/24"),
+            "dev",
+            "br0",
+        ])?;
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+        // Is netem there? A probe on the bridge namespace's loopback.
+        c.netem = sh(&[
+            "tc", "-n", &sw, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+        ])
+        .is_ok();
+        if c.netem {
+            let _ = sh(&["tc", "-n", &sw, "qdisc", "del", "dev", "lo", "root"]);
+        }
+        for i in 1..=nodes {
+            let ns = c.node_ns(i);
+            sh(&["ip", "netns", "add", &ns])?;
+            c.nodes = i;
+            let (inside, outside) = (format!("v{i}"), format!("b{i}"));
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            sh(&[
+                "ip", "-n", &ns, "link", "add", &inside, "type", "veth", "peer", "name", &outside,
+                "netns", &sw,
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{SUBNET}.{}/24", 10 + i),
+                "dev",
+                &inside,
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", &inside, "up"])?;
+            sh(&["ip", "-n", &sw, "link", "set", &outside, "master", "br0"])?;
+            sh(&["ip", "-n", &sw, "link", "set", &outside, "up"])?;
+            let rate = format!("{rate_mbit}mbit");
+            // The node's uplink: delay (netem) and rate; its downlink: rate.
+            if c.netem {
+                sh(&[
+                    "tc",
+                    "-n",
+                    &ns,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    &inside,
+                    "root",
+                    "netem",
+                    "delay",
+                    &format!("{delay_ms}ms"),
+                    "rate",
+                    &rate,
+                ])?;
+            } else {
+                sh(&[
+                    "tc", "-n", &ns, "qdisc", "add", "dev", &inside, "root", "tbf", "rate", &rate,
+                    "burst", "64kb", "latency", "100ms",
+                ])?;
+            }
+            sh(&[
+                "tc", "-n", &sw, "qdisc", "add", "dev", &outside, "root", "tbf", "rate", &rate,
+                "burst", "64kb", "latency", "100ms",
+            ])?;
+        }
+        Ok(c)
+    }
+
+    /// A cgroup (cpu and memory) for node `i`; returns the shell commands that put a process
+    /// into it.
+    fn cgroup(&mut self, i: usize, cpu: f64, memory: Option<u64>) -> Result<String> {
+        let name = format!("{}-n{i}", self.tag);
+        let cpu_dir = Path::new("/sys/fs/cgroup/cpu").join(&name);
+        let mem_dir = Path::new("/sys/fs/cgroup/memory").join(&name);
+        std::fs::create_dir_all(&cpu_dir).context("making a cpu cgroup (cgroup v1, as root)")?;
+        self.cgroups.push(cpu_dir.clone());
+        std::fs::write(cpu_dir.join("cpu.cfs_period_us"), "100000")?;
+        std::fs::write(
+            cpu_dir.join("cpu.cfs_quota_us"),
+            format!("{}", (cpu * 100_000.0) as u64),
+        )?;
+        let mut enter = format!("echo $$ > {}/cgroup.procs", cpu_dir.display());
+        if let Some(m) = memory {
+            std::fs::create_dir_all(&mem_dir).context("making a memory cgroup")?;
+            self.cgroups.push(mem_dir.clone());
+            std::fs::write(mem_dir.join("memory.limit_in_bytes"), m.to_string())?;
+            enter.push_str(&format!("; echo $$ > {}/cgroup.procs", mem_dir.display()));
+        }
+        Ok(enter)
+    }
+
+    fn spawn_node(
+        &mut self,
+        i: usize,
+        mdi: &Path,
+        server: &str,
+        args: &[String],
+        cpu: f64,
+        memory: Option<u64>,
+    ) -> Result<()> {
+        let enter = self.cgroup(i, cpu, memory)?;
+        // Into the cgroups first, then exec: the node never runs outside its limits.
+        let script = format!(
+            "{enter}; exec ip netns exec {} {} node --server {server} --name edge-{i} --threads {} {}",
+            self.node_ns(i),
+            mdi.display(),
+            cpu.ceil().max(1.0),
+            args.join(" ")
+        );
+        let log = std::fs::File::create(self.log(&format!("node-{i}")))?;
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting a node")?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    fn spawn_server(&mut self, signaling: &Path, args: &[String]) -> Result<String> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.switch()])
+            .arg(signaling)
+            .args(["--bind", &format!("{SUBNET}.1:0")])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.log("signaling"))?)
+            .spawn()
+            .context("starting signaling")?;
+        let out = child.stdout.take().context("server stdout")?;
+        self.children.push(child);
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        line.trim()
+            .strip_prefix("listening on ")
+            .map(str::to_string)
+            .with_context(|| format!("unexpected server output `{line}`"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+        // A node's process may still be exiting: give the cgroup a moment to empty.
+        for dir in self.cgroups.drain(..).rev() {
+            for _ in 0..50 {
+                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        for i in (1..=self.nodes).rev() {
+            let _ = sh(&["ip", "netns", "del", &self.node_ns(i)]);
+        }
+        let _ = sh(&["ip", "netns", "del", &self.switch()]);
+    }
+}
+
+/// Runs `f` on a thread that lives in network namespace `ns` (so its sockets, and those of
+/// threads it starts, reach the cluster's addresses).
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || -> Result<T> {
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a file descriptor we own; it moves only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            bail!("cannot enter network namespace {ns_}", ns_ = path);
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
+}
+
+fn get_ring(client: &reqwest::blocking::Client, url: &str) -> Result<Value> {
+    Ok(client.get(format!("{url}/api/ring")).send()?.json()?)
+}
+
+fn wait_ready(url: &str, n: usize, stop: &AtomicBool) -> Result<Value> {
+    let client = reqwest::blocking::Client::new();
+    let start = Instant::now();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        if let Ok(r) = get_ring(&client, url) {
+            if r["ready"] == true && r["nodes"].as_array().map_or(0, Vec::len) == n {
+                return Ok(r);
+            }
+            if start.elapsed() > Duration::from_secs(300) {
+                bail!(
+                    "{n} nodes: no ready ring in 300 s: {} (logs: {})",
+                    r["status"],
+                    std::env::temp_dir().join("mdi-cluster-*.log").display()
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// (time to first token, completion tokens, end)
+fn stream_one(url: &str, q: &str, max_tokens: usize) -> Result<(Duration, u64, Instant)> {
+    let client = reqwest::blocking::Client::builder().timeout(None).build()?;
+    let start = Instant::now();
+    let resp = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({
+            "messages": [{"role": "user", "content": q}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .send()?;
+    if !resp.status().is_success() {
+        bail!("HTTP {}: {}", resp.status(), resp.text()?);
+    }
+    let (mut first, mut tokens) = (None, 0);
+    for line in BufReader::new(resp).lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data)?;
+        if v["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            first.get_or_insert_with(|| start.elapsed());
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = n;
+        }
+    }
+    Ok((
+        first.unwrap_or_else(|| start.elapsed()),
+        tokens,
+        Instant::now(),
+    ))
+}
+
+const QUESTIONS: [&str; 8] = [
+    "Write a short poem about the sea.",
+    "Describe a mountain at dawn.",
+    "Tell a story about a city at night.",
+    "Explain why rain falls.",
+    "Write about the moon.",
+    "Describe a walk in a forest.",
+    "Write about winter.",
+    "Tell a story about a train.",
+];
+
+/// How a memory-capped ring ended: the server's status, and (served) tok/s and each node's RSS.
+type Outcome = (String, Option<(f64, Vec<u64>)>);
+
+/// S concurrent streams: (aggregate tok/s, TTFT p50 ms).
+fn load(url: &str, s: usize, max_tokens: usize) -> Result<(f64, f64, u64)> {
+    let t0 = Instant::now();
+    let results: Vec<Result<(Duration, u64, Instant)>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..s)
+            .map(|i| sc.spawn(move || stream_one(url, QUESTIONS[i % QUESTIONS.len()], max_tokens)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a client panicked")))
+            .collect()
+    });
+    let results: Vec<_> = results.into_iter().collect::<Result<_>>()?;
+    let end = results.iter().map(|r| r.2).max().unwrap_or(t0);
+    let tokens: u64 = results.iter().map(|r| r.1).sum();
+    let mut ttft: Vec<f64> = results.iter().map(|r| r.0.as_secs_f64() * 1e3).collect();
+    ttft.sort_by(f64::total_cmp);
+    Ok((
+        tokens as f64 / end.duration_since(t0).as_secs_f64().max(1e-9),
+        ttft[ttft.len() / 2],
+        tokens,
+    ))
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
+}
+
+/// The benchmark; returns the scaling table and the memory table.
+pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row>)> {
+    let signaling = std::env::current_exe()?.with_file_name("signaling");
+    if !signaling.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p signaling`",
+            signaling.display()
+        );
+    }
+    let mdi = std::env::current_exe()?;
+    let model = b.model.display().to_string();
+    let mut scaling = Vec::new();
+    let mut base: [Option<f64>; 2] = [None, None];
+    for n in 1..=b.max_nodes {
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        let tag = format!("mdi{}", std::process::id() % 100_000);
+        let mut c = Cluster::build(tag, n, b.delay_ms, b.rate_mbit)?;
+        let delay_note = if c.netem {
+            format!("netem {} ms, {} Mbit/s", b.delay_ms, b.rate_mbit)
+        } else {
+            format!(
+                "{} ms in the nodes' links (no netem here), tbf {} Mbit/s",
+                b.delay_ms, b.rate_mbit
+            )
+        };
+        let url = c.spawn_server(
+            &signaling,
+            &[
+                "--model".into(),
+                model.clone(),
+                "--min-nodes".into(),
+                n.to_string(),
+                "--in-flight".into(),
+                (2 * n).to_string(),
+            ],
+        )?;
+        let mut node_args = vec![
+            "--backend".to_string(),
+            b.backend.clone(),
+            "--memory-budget".into(),
+            "4G".into(),
+        ];
+        if !c.netem {
+            node_args.push(format!("--link-delay-ms={}", b.delay_ms));
+        }
+        for i in 1..=n {
+            c.spawn_node(i, &mdi, &url, &node_args, b.cpu, None)?;
+        }
+        let (sw, u, t, st) = (c.switch(), url.clone(), b.max_tokens, stop.clone());
+        let (ring, runs) = in_netns(&sw, move || {
+            let ring0 = wait_ready(&u, n, &st)?;
+            stream_one(&u, "Hello.", 4)?; // warm-up
+            let one = load(&u, n, t)?;
+            let two = load(&u, 2 * n, t)?;
+            std::thread::sleep(Duration::from_millis(1500)); // a heartbeat with final figures
+            let client = reqwest::blocking::Client::new();
+            let ring = get_ring(&client, &u).unwrap_or(ring0);
+            Ok((ring, [one, two]))
+        })?;
+        let on = format!("{n} × ({} CPU, {delay_note})", b.cpu);
+        for (k, (tok_s, ttft, tokens)) in runs.iter().enumerate() {
+            let s = n * (k + 1);
+            let b0 = *base[k].get_or_insert(*tok_s);
+            let scale = tok_s / b0;
+            scaling.push(Row {
+                what: format!("N={n}, S={s}: aggregate tok/s (TTFT p50)"),
+                on: on.clone(),
+                value: format!("{tok_s:.1} tok/s ({ttft:.0} ms; {tokens} tokens)"),
+                bound: if n == 1 {
+                    "reference".into()
+                } else {
+                    format!("scaling {scale:.2}× ≥ 0.9·N = {:.1}×", 0.9 * n as f64)
+                },
+                ok: (n > 1).then_some(scale >= 0.9 * n as f64),
+            });
+        }
+        for node in ring["nodes"].as_array().cloned().unwrap_or_default() {
+            let rss = node["rss_bytes"].as_u64().unwrap_or(0);
+            let share = node["planned_weight_bytes"].as_u64().unwrap_or(0);
+            let kv = node["kv_bytes"].as_u64().unwrap_or(0);
+            let bound = share + kv + 40_000_000;
+            let rtt = node["rtt_ms"].as_f64();
+            scaling.push(Row {
+                what: format!(
+                    "N={n}: {} layers {}..{}: RSS (hop latency)",
+                    node["name"].as_str().unwrap_or("?"),
+                    node["layers"][0],
+                    node["layers"][1]
+                ),
+                on: on.clone(),
+                value: format!(
+                    "{} ({})",
+                    mb(rss),
+                    rtt.map_or("–".into(), |r| format!("{:.1} ms", r / 2.0))
+                ),
+                bound: format!("≤ share {} + KV {} + 40 MB", mb(share), mb(kv)),
+                ok: Some(rss > 0 && rss <= bound),
+            });
+        }
+        drop(c);
+    }
+
+    // The memory table: a limit per node below the whole model's needs.
+    let mut memory = Vec::new();
+    let limit = b.memory_limit;
+    let budget = limit.saturating_sub(40 << 20);
+    for n in 1..=b.max_nodes.min(3) {
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        let tag = format!("mdm{}", std::process::id() % 100_000);
+        let mut c = Cluster::build(tag, n, b.delay_ms, b.rate_mbit)?;
+        let url = c.spawn_server(
+            &signaling,
+            &[
+                "--model".into(),
+                model.clone(),
+                "--min-nodes".into(),
+                n.to_string(),
+                "--in-flight".into(),
+                "2".into(),
+            ],
+        )?;
+        let mut node_args = vec![
+            "--backend".to_string(),
+            b.backend.clone(),
+            "--memory-budget".into(),
+            budget.to_string(),
+        ];
+        if !c.netem {
+            node_args.push(format!("--link-delay-ms={}", b.delay_ms));
+        }
+        for i in 1..=n {
+            c.spawn_node(i, &mdi, &url, &node_args, b.cpu, Some(limit))?;
+        }
+        let (sw, u, t, st) = (c.switch(), url.clone(), b.max_tokens, stop.clone());
+        let outcome = in_netns(&sw, move || -> Result<Outcome> {
+            let client = reqwest::blocking::Client::new();
+            let start = Instant::now();
+            loop {
+                if st.load(Ordering::SeqCst) {
+                    bail!("interrupted");
+                }
+                if let Ok(r) = get_ring(&client, &u) {
+                    let joined = r["nodes"].as_array().map_or(0, Vec::len);
+                    if r["ready"] == true && joined == n {
+                        let (tok_s, _, _) = load(&u, 2, t)?;
+                        std::thread::sleep(Duration::from_millis(1500));
+                        let r = get_ring(&client, &u)?;
+                        let rss = r["nodes"]
+                            .as_array()
+                            .map(|ns| {
+                                ns.iter()
+                                    .map(|x| x["rss_bytes"].as_u64().unwrap_or(0))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        return Ok(("served".into(), Some((tok_s, rss))));
+                    }
+                    let status = r["status"].as_str().unwrap_or("").to_string();
+                    if joined == n && status.contains("cannot hold") {
+                        return Ok((status, None));
+                    }
+                    if start.elapsed() > Duration::from_secs(240) {
+                        return Ok((format!("no ring after 240 s: {status}"), None));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })?;
+        let on = format!("{n} × ({} CPU, memory limit {})", b.cpu, mb(limit));
+        match outcome {
+            (_, Some((tok_s, rss))) => memory.push(Row {
+                what: format!(
+                    "N={n}: the model served, RSS per node {}",
+                    rss.iter().map(|r| mb(*r)).collect::<Vec<_>>().join(", ")
+                ),
+                on,
+                value: format!("{tok_s:.1} tok/s"),
+                bound: format!("every node ≤ its limit {}", mb(limit)),
+                ok: Some(rss.iter().all(|r| *r > 0 && *r <= limit)),
+            }),
+            (status, None) => memory.push(Row {
+                what: format!("N={n}: the model cannot be loaded"),
+                on,
+                value: status.chars().take(120).collect(),
+                bound: "a clear error, nothing served".into(),
+                ok: Some(n == 1),
+            }),
+        }
+        drop(c);
+    }
+    Ok((scaling, memory))
+}
