@@ -34,7 +34,7 @@ if ! command -v npm >/dev/null 2>&1; then
     echo "setup: please install Node.js and npm" >&2
   fi
 fi
-if command -v npm >/dev/null 2>&1 && [ ! -d node_modules/puppeteer-core ]; then
+if command -v npm >/dev/null 2>&1 && { [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ] || [ ! -d node_modules/jsqr ]; }; then
   echo "setup: npm ci"
   npm ci --no-audit --no-fund --loglevel=error
 fi

@@ -175,8 +175,32 @@ pub async fn run(
         .resolve(opts.backend)
         .await
         .map_err(SessionError::Platform)?;
-    let profile =
-        self_benchmark(platform, backend, &adapter, &manifest, opts.memory_budget).await?;
+    // A device measures itself once per model and engine: a reloaded tab brings the same
+    // figures, so the plan (and the layers it has cached) stay the same.
+    let key = format!(
+        "profile/{}/{}/{adapter}",
+        manifest.files.first().map_or("", |f| f.sha256.as_str()),
+        format!("{backend:?}").to_lowercase()
+    );
+    let kept = platform
+        .cache_get(key.clone())
+        .await
+        .and_then(|b| serde_json::from_slice::<Profile>(&b).ok())
+        .filter(|p| p.speed.is_finite() && p.speed > 0.0 && p.weight_factor.is_finite());
+    let profile = match kept {
+        Some(p) => Profile {
+            memory_budget: opts.memory_budget,
+            ..p
+        },
+        None => {
+            let p =
+                self_benchmark(platform, backend, &adapter, &manifest, opts.memory_budget).await?;
+            if let Ok(bytes) = serde_json::to_vec(&p) {
+                platform.cache_put(key, bytes).await;
+            }
+            p
+        }
+    };
     tracing::info!(
         "profile: {} on {}, {:.2} GMAC/s, weight factor {:.2}",
         profile.backend,

@@ -177,14 +177,28 @@ impl Room {
     }
 
     /// Plans a ring over the members that can take part, and sends the assignments.
+    /// The room's members changed: a node that failed (often because its neighbour went
+    /// away mid-link) gets a place in the next plan again.
+    fn retry_failed(&mut self) {
+        for m in self.members.values_mut() {
+            if m.state == MemberState::Failed {
+                m.state = MemberState::Joined;
+                m.failure = None;
+            }
+        }
+    }
+
     fn replan(&mut self, cfg: &RoomConfig, model: &ModelFacts) {
         self.changed = None;
-        let candidates: Vec<NodeId> = self
+        // In name order: a device that reloads and rejoins (a new id, the same name) takes
+        // the same place, and its cached layers still fit.
+        let mut candidates: Vec<NodeId> = self
             .members
             .iter()
             .filter(|(_, m)| m.state != MemberState::Failed)
             .map(|(&id, _)| id)
             .collect();
+        candidates.sort_by(|a, b| (&self.members[a].name, a).cmp(&(&self.members[b].name, b)));
         if !self.active.is_empty() {
             self.fail_active("the ring was re-formed while the request ran; send it again");
         }
@@ -438,6 +452,7 @@ impl Hub {
                 failure: None,
             },
         );
+        r.retry_failed();
         r.changed = Some(Instant::now());
         id
     }
@@ -452,6 +467,7 @@ impl Hub {
             return;
         };
         tracing::info!("room `{room}`: node {id} `{}` left: {why}", m.name);
+        r.retry_failed();
         let in_ring = r.ring.as_ref().is_some_and(|g| g.order.contains(&id));
         if in_ring {
             // The ring is broken: plan again over who is left.
@@ -977,5 +993,62 @@ mod tests {
         let v = hub.view("r", &model, &|_| 0);
         assert_eq!(v.nodes.len(), 2);
         assert!(v.status.contains("waiting for nodes"), "{}", v.status);
+    }
+
+    #[test]
+    fn a_node_that_failed_with_its_neighbour_is_planned_again_when_members_change() {
+        let model = ModelFacts {
+            id: "tiny".into(),
+            cost: ModelCost {
+                layer_weight_bytes: vec![100; 6],
+                kv_bytes_per_token: 8,
+                layer_work: vec![1.0; 6],
+                starter_weight_bytes: 50,
+                starter_work: 1.0,
+            },
+            context: 64,
+        };
+        let cfg = RoomConfig {
+            min_nodes: 3,
+            in_flight: 2,
+            reserve_positions: 16,
+            max_queued: 8,
+            queue_timeout: Duration::from_secs(60),
+            wire: mdi_core::wire::WireDtype::F16,
+        };
+        let mut hub = Hub::new(cfg);
+        let mut rxs = Vec::new();
+        let mut join = |hub: &mut Hub, name: &str| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            rxs.push(rx);
+            hub.join("r", name.into(), NodeKind::Browser, profile(1 << 30), tx)
+        };
+        let ids: Vec<NodeId> = ["a", "b", "c"].iter().map(|n| join(&mut hub, n)).collect();
+        hub.rooms.get_mut("r").unwrap().changed = Some(Instant::now() - SETTLE);
+        hub.tick(&model);
+        let epoch = hub.rooms["r"].epoch;
+        for &id in &ids {
+            hub.handle("r", id, ToServer::Ready { epoch }, &model);
+        }
+        assert!(hub.view("r", &model, &|_| 0).ready);
+        // `b` reloads: `a` sees its link close and fails first, then `b` leaves and comes back.
+        hub.handle(
+            "r",
+            ids[0],
+            ToServer::Failed {
+                epoch,
+                message: "the link from the previous node closed".into(),
+            },
+            &model,
+        );
+        hub.leave("r", ids[1], "it left", &model);
+        let b2 = join(&mut hub, "b");
+        hub.rooms.get_mut("r").unwrap().changed = Some(Instant::now() - SETTLE);
+        hub.tick(&model);
+        let r = &hub.rooms["r"];
+        let ring = r.ring.as_ref().expect("a new ring of three");
+        for id in [ids[0], ids[2], b2] {
+            assert!(ring.order.contains(&id), "node {id} is in {:?}", ring.order);
+        }
     }
 }
