@@ -72,15 +72,23 @@ fn bad_frames_are_reported_and_sequences_finish() {
     }
     let out = ring.run(reqs());
     assert_eq!(out, expected, "sequences unaffected by garbage");
-    assert_eq!(ring.node_errors.len(), n_bad, "{:#?}", ring.node_errors);
+    // Every bad frame is counted; reports thin out (the 1st, 2nd, 4th... per node), so a
+    // stream of garbage costs the ring a few messages.
+    let garbage: Vec<u64> = ring.nodes.iter().map(|n| n.node.garbage().0).collect();
+    assert_eq!(garbage.iter().sum::<u64>(), n_bad as u64, "{garbage:?}");
+    let reports: usize = garbage
+        .iter()
+        .map(|&g| (u64::BITS - g.leading_zeros()) as usize)
+        .sum();
+    assert_eq!(ring.node_errors.len(), reports, "{:#?}", ring.node_errors);
+    assert!(ring
+        .node_errors
+        .iter()
+        .any(|e| e.contains("unusable messages from the previous node so far")));
     assert!(ring
         .node_errors
         .iter()
         .any(|e| e.contains("sequence 77, which was never started")));
-    assert!(ring
-        .node_errors
-        .iter()
-        .any(|e| e.contains("exceeds the limit")));
     assert!(ring.node_errors.iter().any(|e| e.contains("version 2")));
 }
 

@@ -104,6 +104,8 @@ struct Seq<C> {
     active: u64,
     /// `End` arrived while a job held the cache: drop everything when it returns.
     ended: bool,
+    /// An activation of it has arrived whole: it is in use, not only opened.
+    fed: bool,
     /// First position and token count of the running job.
     running: Option<(u32, u32)>,
 }
@@ -368,6 +370,9 @@ impl<C> Node<C> {
                                 let bytes = act.data.len() as u64 * 4;
                                 self.queued_bytes += bytes;
                                 self.ready.push_back(Queued { act, bytes });
+                                if let Some(s) = self.seqs.get_mut(&seq) {
+                                    s.fed = true;
+                                }
                             }
                         }
                     }
@@ -397,13 +402,13 @@ impl<C> Node<C> {
         }
         if self.seqs.len() >= self.cfg.max_sequences.max(1) {
             // Full: the least recently active sequence that no job holds makes room, those
-            // without a cache first. A peer that opens sequences and never feeds them so
-            // only ever displaces its own.
+            // never fed first. A peer that opens sequences and never feeds them so only ever
+            // displaces its own.
             let victim = self
                 .seqs
                 .iter()
                 .filter(|(_, s)| !matches!(s.cache, Slot::Lent))
-                .min_by_key(|(_, s)| (matches!(s.cache, Slot::Here(_)), s.active))
+                .min_by_key(|(_, s)| (s.fed || matches!(s.cache, Slot::Here(_)), s.active))
                 .map(|(&q, _)| q);
             let Some(victim) = victim else {
                 return Err(Error::Input(format!(
@@ -429,6 +434,7 @@ impl<C> Node<C> {
                 bytes: 0,
                 active: self.clock,
                 ended: false,
+                fed: false,
                 running: None,
             },
         );

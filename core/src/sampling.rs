@@ -3,8 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How to pick tokens. `temperature == 0` is greedy.
+/// How to pick tokens. `temperature == 0` is greedy. Reading one checks it (a finite
+/// temperature ≥ 0, `top_p` within (0, 1]), so a peer cannot hand a node one that samples
+/// nonsense or does not survive being sent on.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "Unchecked")]
 pub struct SamplingParams {
     pub temperature: f32,
     /// Keep the k most likely tokens (0: all).
@@ -25,7 +28,45 @@ impl Default for SamplingParams {
     }
 }
 
+/// [`SamplingParams`] as read, before [`SamplingParams::check`].
+#[derive(Deserialize)]
+struct Unchecked {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    seed: u64,
+}
+
+impl TryFrom<Unchecked> for SamplingParams {
+    type Error = String;
+
+    fn try_from(u: Unchecked) -> Result<Self, String> {
+        let p = SamplingParams {
+            temperature: u.temperature,
+            top_k: u.top_k,
+            top_p: u.top_p,
+            seed: u.seed,
+        };
+        p.check()?;
+        Ok(p)
+    }
+}
+
 impl SamplingParams {
+    /// Whether these parameters can be used: a finite temperature ≥ 0 and `top_p` in (0, 1].
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!(
+                "temperature must be a finite number ≥ 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be within (0, 1], got {}", self.top_p));
+        }
+        Ok(())
+    }
+
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0 || self.top_k == 1
     }
@@ -199,5 +240,21 @@ mod tests {
         };
         assert_eq!(a, b);
         assert!(a.iter().collect::<std::collections::BTreeSet<_>>().len() > 5);
+    }
+
+    #[test]
+    fn sampling_params_from_outside_are_checked() {
+        let ok = r#"{"temperature":0.7,"top_k":40,"top_p":0.9,"seed":3}"#;
+        let p: SamplingParams = serde_json::from_str(ok).unwrap();
+        assert_eq!(serde_json::to_string(&p).unwrap(), ok);
+        for bad in [
+            r#"{"temperature":0.0,"top_k":0,"top_p":1.01e308,"seed":0}"#,
+            r#"{"temperature":1e39,"top_k":0,"top_p":1.0,"seed":0}"#,
+            r#"{"temperature":-1.0,"top_k":0,"top_p":1.0,"seed":0}"#,
+            r#"{"temperature":0.0,"top_k":0,"top_p":0.0,"seed":0}"#,
+        ] {
+            let e = serde_json::from_str::<SamplingParams>(bad).unwrap_err();
+            assert!(e.to_string().contains("must be"), "{bad}: {e}");
+        }
     }
 }

@@ -609,7 +609,11 @@ mod tests {
         };
         let (result, (got, end)) = futures::executor::block_on(futures::future::join(run, feed));
         assert!(result.is_ok(), "the loop ended cleanly: {result:?}");
-        assert_eq!(got, Some(end), "the End came through after the refused message");
+        assert_eq!(
+            got,
+            Some(end),
+            "the End came through after the refused message"
+        );
         let s = lock(&stats).clone();
         assert_eq!((s.garbage, s.oversized), (1, 1));
         assert!(s.last_garbage.is_some_and(|e| e.contains("version")));
