@@ -178,10 +178,12 @@ impl Cluster {
         let mem_dir = Path::new("/sys/fs/cgroup/memory").join(&name);
         std::fs::create_dir_all(&cpu_dir).context("making a cpu cgroup (cgroup v1, as root)")?;
         self.cgroups.push(cpu_dir.clone());
-        std::fs::write(cpu_dir.join("cpu.cfs_period_us"), "100000")?;
+        // A short period: a slower device is steadily slower, not at full speed for half of
+        // every 100 ms and stopped for the rest (which would add tens of ms to single hops).
+        std::fs::write(cpu_dir.join("cpu.cfs_period_us"), "10000")?;
         std::fs::write(
             cpu_dir.join("cpu.cfs_quota_us"),
-            format!("{}", (cpu * 100_000.0) as u64),
+            format!("{}", ((cpu * 10_000.0) as u64).max(1000)),
         )?;
         let mut enter = format!("echo $$ > {}/cgroup.procs", cpu_dir.display());
         if let Some(m) = memory {
