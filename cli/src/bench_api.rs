@@ -65,12 +65,16 @@ fn start_server(signaling: &Path, args: &[String]) -> Result<(Killed, String)> {
     Ok((guard, url))
 }
 
-fn get_ring(client: &reqwest::blocking::Client, url: &str) -> Result<Value> {
+pub(crate) fn get_ring(client: &reqwest::blocking::Client, url: &str) -> Result<Value> {
     Ok(client.get(format!("{url}/api/ring")).send()?.json()?)
 }
 
 /// One streamed request: (time to first content, completion tokens, finished at).
-fn stream_one(url: &str, question: &str, max_tokens: usize) -> Result<(Duration, u64, Instant)> {
+pub(crate) fn stream_one(
+    url: &str,
+    question: &str,
+    max_tokens: usize,
+) -> Result<(Duration, u64, Instant)> {
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()?;
@@ -116,7 +120,7 @@ fn stream_one(url: &str, question: &str, max_tokens: usize) -> Result<(Duration,
     ))
 }
 
-const QUESTIONS: [&str; 8] = [
+pub(crate) const QUESTIONS: [&str; 8] = [
     "Write a short poem about the sea.",
     "Describe a mountain at dawn.",
     "Tell a story about a city at night.",

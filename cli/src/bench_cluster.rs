@@ -21,9 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::bench::Row;
+use crate::bench_api::{get_ring, stream_one, QUESTIONS};
 
 /// How to run the cluster benchmark.
 #[derive(Debug, Clone)]
@@ -290,10 +291,6 @@ fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
 }
 
-fn get_ring(client: &reqwest::blocking::Client, url: &str) -> Result<Value> {
-    Ok(client.get(format!("{url}/api/ring")).send()?.json()?)
-}
-
 fn wait_ready(url: &str, n: usize, stop: &AtomicBool) -> Result<Value> {
     let client = reqwest::blocking::Client::new();
     let start = Instant::now();
@@ -316,59 +313,6 @@ fn wait_ready(url: &str, n: usize, stop: &AtomicBool) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
-
-/// (time to first token, completion tokens, end)
-fn stream_one(url: &str, q: &str, max_tokens: usize) -> Result<(Duration, u64, Instant)> {
-    let client = reqwest::blocking::Client::builder().timeout(None).build()?;
-    let start = Instant::now();
-    let resp = client
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&json!({
-            "messages": [{"role": "user", "content": q}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": true,
-            "stream_options": {"include_usage": true},
-        }))
-        .send()?;
-    if !resp.status().is_success() {
-        bail!("HTTP {}: {}", resp.status(), resp.text()?);
-    }
-    let (mut first, mut tokens) = (None, 0);
-    for line in BufReader::new(resp).lines() {
-        let line = line?;
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(data)?;
-        if v["choices"][0]["delta"]["content"]
-            .as_str()
-            .is_some_and(|c| !c.is_empty())
-        {
-            first.get_or_insert_with(|| start.elapsed());
-        }
-        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-            tokens = n;
-        }
-    }
-    Ok((
-        first.unwrap_or_else(|| start.elapsed()),
-        tokens,
-        Instant::now(),
-    ))
-}
-
-const QUESTIONS: [&str; 8] = [
-    "Write a short poem about the sea.",
-    "Describe a mountain at dawn.",
-    "Tell a story about a city at night.",
-    "Explain why rain falls.",
-    "Write about the moon.",
-    "Describe a walk in a forest.",
-    "Write about winter.",
-    "Tell a story about a train.",
-];
 
 /// How a memory-capped ring ended: the server's status, and (served) tok/s and each node's RSS.
 type Outcome = (String, Option<(f64, Vec<u64>)>);
