@@ -911,8 +911,8 @@ mod tests {
         assert!(v.status.contains("waiting for nodes"), "{}", v.status);
     }
 
-    #[test]
-    fn a_node_reported_for_garbage_by_its_next_node_is_dropped() {
+    /// A six-layer model and a room that forms rings of three.
+    fn three_node_room() -> (ModelFacts, Hub) {
         let model = ModelFacts {
             id: "tiny".into(),
             cost: ModelCost {
@@ -932,7 +932,12 @@ mod tests {
             queue_timeout: Duration::from_secs(60),
             wire: mdi_core::wire::WireDtype::F16,
         };
-        let mut hub = Hub::new(cfg);
+        (model, Hub::new(cfg))
+    }
+
+    #[test]
+    fn a_node_reported_for_garbage_by_its_next_node_is_dropped() {
+        let (model, mut hub) = three_node_room();
         let mut rxs = Vec::new();
         let mut ids = Vec::new();
         for name in ["a", "b", "c"] {
@@ -997,26 +1002,7 @@ mod tests {
 
     #[test]
     fn a_node_that_failed_with_its_neighbour_is_planned_again_when_members_change() {
-        let model = ModelFacts {
-            id: "tiny".into(),
-            cost: ModelCost {
-                layer_weight_bytes: vec![100; 6],
-                kv_bytes_per_token: 8,
-                layer_work: vec![1.0; 6],
-                starter_weight_bytes: 50,
-                starter_work: 1.0,
-            },
-            context: 64,
-        };
-        let cfg = RoomConfig {
-            min_nodes: 3,
-            in_flight: 2,
-            reserve_positions: 16,
-            max_queued: 8,
-            queue_timeout: Duration::from_secs(60),
-            wire: mdi_core::wire::WireDtype::F16,
-        };
-        let mut hub = Hub::new(cfg);
+        let (model, mut hub) = three_node_room();
         let mut rxs = Vec::new();
         let mut join = |hub: &mut Hub, name: &str| {
             let (tx, rx) = mpsc::unbounded_channel();
