@@ -70,6 +70,17 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0 || self.top_k == 1
     }
+
+    /// The parameters of a sequence resumed after `sampled` tokens: a sampler made from them
+    /// makes the draws the original one had not made yet (one draw per token it sampled;
+    /// greedy decoding draws nothing), so a resumed seeded sequence repeats the undisturbed one.
+    pub fn resumed_after(&self, sampled: usize) -> Self {
+        let mut p = *self;
+        if !self.is_greedy() {
+            p.seed = Rng::seed_after(self.seed, sampled as u64);
+        }
+        p
+    }
 }
 
 /// SplitMix64: tiny, seedable and the same on every target.
@@ -77,12 +88,20 @@ impl SamplingParams {
 pub struct Rng(u64);
 
 impl Rng {
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
     pub fn new(seed: u64) -> Self {
         Self(seed)
     }
 
+    /// The seed of a generator that starts where one seeded with `seed` is after `draws`
+    /// draws (SplitMix64's state only moves by a constant step).
+    pub fn seed_after(seed: u64, draws: u64) -> u64 {
+        seed.wrapping_add(Self::GAMMA.wrapping_mul(draws))
+    }
+
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(Self::GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -209,6 +228,30 @@ mod tests {
         assert_eq!(seen.len(), 3, "all three candidates get sampled");
         let mut g = Sampler::new(SamplingParams { top_k: 1, ..params });
         assert_eq!(g.sample(&logits), best);
+    }
+
+    #[test]
+    fn a_resumed_sampler_makes_the_draws_the_original_had_left() {
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 12345,
+        };
+        let mut rng = Rng(99);
+        let steps: Vec<Vec<f32>> = (0..24)
+            .map(|_| (0..17).map(|_| rng.next_f32() * 4.0).collect())
+            .collect();
+        let mut whole = Sampler::new(params);
+        let all: Vec<u32> = steps.iter().map(|l| whole.sample(l)).collect();
+        for cut in [0, 1, 7, 23] {
+            let mut resumed = Sampler::new(params.resumed_after(cut));
+            let rest: Vec<u32> = steps[cut..].iter().map(|l| resumed.sample(l)).collect();
+            assert_eq!(rest, all[cut..], "resumed after {cut}");
+        }
+        // Greedy parameters stay as they are.
+        let greedy = SamplingParams::default();
+        assert_eq!(greedy.resumed_after(5).seed, greedy.seed);
     }
 
     #[test]
