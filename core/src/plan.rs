@@ -232,12 +232,20 @@ pub fn plan(cost: &ModelCost, nodes: &[NodeProfile], kv_tokens: u64) -> Result<P
         }
     }
     if best[n - 1][l] == inf {
-        let total = cost.total_weight_bytes() + kv_per_layer * l as u64;
+        // Engines hold weights in their own form (the oracle's f32 is several times the
+        // file): say what these nodes would need, not only the stored size.
+        let stored = cost.total_weight_bytes();
+        let factor = nodes
+            .iter()
+            .map(|p| p.weight_factor)
+            .fold(f64::INFINITY, f64::min);
+        let total = (stored as f64 * factor) as u64 + kv_per_layer * l as u64;
         let budget: u64 = nodes.iter().map(|p| p.memory_budget).sum();
         return Err(Error::Input(format!(
-            "the model does not fit: it needs {total} bytes of weights and KV cache in \
-             contiguous pieces, the {n} nodes offer {budget} bytes in all; add nodes, give \
-             them more memory, or plan fewer tokens of context"
+            "the model does not fit: it needs at least {total} bytes of weights and KV cache \
+             on these nodes' engines ({stored} bytes of weights as stored, held at {factor:.1}× \
+             that), in one contiguous piece of layers per node; the {n} nodes offer {budget} \
+             bytes in all; add nodes, give them more memory, or plan fewer tokens of context"
         )));
     }
     let mut bounds = vec![l; n + 1];
