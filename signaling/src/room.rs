@@ -6,8 +6,18 @@
 //! the starter), gives each a contiguous layer range within its memory budget at its measured
 //! speed, and the server sends every member its assignment. The ring is ready when every
 //! member has downloaded its layers, linked to its neighbours and said `ready`. Membership
-//! changes re-plan: at once when a member of the ring leaves (its requests fail with a clear
-//! error), at the next idle moment when a node joins (so no answer changes mid-way).
+//! changes re-plan: at once when a member of the ring leaves, at the next idle moment when a
+//! node joins (or after [`JOIN_WAIT`] of steady traffic).
+//!
+//! Requests survive a re-plan. The room keeps each request's prompt and the tokens already
+//! sent to its client; when the ring breaks (a member leaves, goes silent or fails, the
+//! starter included), the request goes back to the front of the queue, and once a ring is
+//! ready again its starter gets the prompt followed by those tokens as one prompt, which every
+//! node prefills into the KV cache of its new layers, and generation goes on from there. The
+//! client sees a pause, never a repeated or a missing token; with greedy decoding the answer is
+//! the undisturbed one, and a seeded sampler resumes its random stream where it stopped. If the
+//! members left cannot hold the model, requests wait (the status says why) until enough memory
+//! joins or their queue deadline passes.
 //!
 //! A ring member that keeps sending its next node frames that node cannot use is reported by
 //! it (`garbage`); past [`MAX_PEER_GARBAGE`] such frames the server believes the report about
@@ -35,10 +45,24 @@ pub struct ModelFacts {
     pub context: usize,
 }
 
-/// A member is dropped after this long without a message.
-pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A native member of a ready ring is dropped after this long without a message: a node that
+/// loses its network is noticed within this (plus one tick), and its requests resume.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(2500);
+/// The same for a browser member of a ready ring: a tab that computes on its own thread (the
+/// CPU engine without worker threads) cannot answer while one long prefill step runs, and
+/// a hidden tab's timers fire at most once a second. A closed tab closes its WebSocket and is
+/// noticed at once either way.
+pub const BROWSER_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(6);
+/// The same for a member that is not serving yet (loading its layers blocks a tab).
+pub const LOADING_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often members report.
-pub const HEARTBEAT_MS: u64 = 1000;
+pub const HEARTBEAT_MS: u64 = 500;
+/// A node that joins while requests run waits for an idle ring, but no longer than this:
+/// then the ring re-forms with it and the running requests resume on the new ring.
+pub const JOIN_WAIT: Duration = Duration::from_secs(30);
+/// How many times one request may be resumed after its ring broke before it fails (a
+/// request that breaks every ring it runs on must not stall the room forever).
+pub const MAX_RESUMES: u32 = 8;
 /// Joins within this window are planned together.
 const SETTLE: Duration = Duration::from_millis(600);
 /// Malformed messages a member may send before it is dropped.
@@ -103,6 +127,17 @@ struct Member {
     failure: Option<String>,
 }
 
+impl Member {
+    /// How long this member may stay silent before it is dropped.
+    fn heartbeat_timeout(&self) -> Duration {
+        match (self.state, self.kind) {
+            (MemberState::Ready, NodeKind::Browser) => BROWSER_HEARTBEAT_TIMEOUT,
+            (MemberState::Ready, _) => HEARTBEAT_TIMEOUT,
+            _ => LOADING_HEARTBEAT_TIMEOUT,
+        }
+    }
+}
+
 struct Ring {
     epoch: u64,
     order: Vec<NodeId>,
@@ -110,15 +145,31 @@ struct Ring {
     ready: HashSet<NodeId>,
 }
 
-struct Active {
-    tx: mpsc::UnboundedSender<StreamItem>,
-}
-
-struct Pending {
+/// A request the room holds from submission to its end, across re-formed rings.
+struct Job {
+    /// The id the API knows it by.
     id: u64,
     req: GenerateRequest,
+    /// Tokens already sent to the client.
+    generated: Vec<u32>,
     tx: mpsc::UnboundedSender<StreamItem>,
+    /// When it started waiting (for the queue deadline).
     since: Instant,
+    /// Times it went back to the queue because its ring broke.
+    resumes: u32,
+}
+
+/// Recovery figures of a room, for `/api/ring`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RecoveryView {
+    /// Times a ring broke while requests ran on it.
+    pub breaks: u64,
+    /// Requests that went back to the queue to resume on the next ring.
+    pub resumed: u64,
+    /// Tokens (prompt and generated) the resumed requests prefilled again.
+    pub replayed_tokens: u64,
+    /// Requests that failed because they could not be resumed.
+    pub failed: u64,
 }
 
 /// One room.
@@ -131,8 +182,15 @@ pub struct Room {
     changed: Option<Instant>,
     /// Why the ring is not ready, for `/api/ring`.
     status: String,
-    active: HashMap<u64, Active>,
-    pending: VecDeque<Pending>,
+    /// Requests sent to the starter, by the id they were sent under (a resumed request gets a
+    /// new one, so late tokens of its old run are told apart).
+    active: HashMap<u64, Job>,
+    pending: VecDeque<Job>,
+    next_dispatch: u64,
+    /// Whether a ring was ever planned: `min_nodes` gates only the first one; after that the
+    /// room re-forms over whoever is left.
+    formed: bool,
+    recovery: RecoveryView,
 }
 
 impl Room {
@@ -146,6 +204,9 @@ impl Room {
             status: "no nodes have joined".into(),
             active: HashMap::new(),
             pending: VecDeque::new(),
+            next_dispatch: 1,
+            formed: false,
+            recovery: RecoveryView::default(),
         }
     }
 
@@ -166,13 +227,38 @@ impl Room {
         self.ring.as_ref().and_then(|r| r.order.first().copied())
     }
 
-    /// Fails every request sent to the ring of an older epoch.
-    fn fail_active(&mut self, why: &str) {
-        for (_, a) in self.active.drain() {
-            let _ = a.tx.send(StreamItem::Finished(
-                FinishReason::Error,
-                Some(why.to_string()),
-            ));
+    /// The ring broke: every request it was running goes back to the front of the queue, in
+    /// the order they came, to resume on the next ring.
+    fn requeue_active(&mut self) {
+        if self.active.is_empty() {
+            return;
+        }
+        self.recovery.breaks += 1;
+        let mut jobs: Vec<Job> = self.active.drain().map(|(_, j)| j).collect();
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.id));
+        let now = Instant::now();
+        for mut j in jobs {
+            if j.resumes >= MAX_RESUMES {
+                self.recovery.failed += 1;
+                let _ = j.tx.send(StreamItem::Finished(
+                    FinishReason::Error,
+                    Some(format!(
+                        "the ring broke {} times while this request ran; giving up",
+                        j.resumes + 1
+                    )),
+                ));
+                continue;
+            }
+            j.resumes += 1;
+            j.since = now;
+            self.recovery.resumed += 1;
+            tracing::info!(
+                "room `{}`: request {} resumes on the next ring after {} tokens",
+                self.name,
+                j.id,
+                j.generated.len()
+            );
+            self.pending.push_front(j);
         }
     }
 
@@ -199,9 +285,7 @@ impl Room {
             .map(|(&id, _)| id)
             .collect();
         candidates.sort_by(|a, b| (&self.members[a].name, a).cmp(&(&self.members[b].name, b)));
-        if !self.active.is_empty() {
-            self.fail_active("the ring was re-formed while the request ran; send it again");
-        }
+        self.requeue_active();
         self.epoch += 1;
         let epoch = self.epoch;
         self.ring = None;
@@ -211,11 +295,11 @@ impl Room {
                 m.state = MemberState::Joined;
             }
         }
-        if candidates.len() < cfg.min_nodes.max(1) {
+        let needed = if self.formed { 1 } else { cfg.min_nodes.max(1) };
+        if candidates.len() < needed {
             self.status = format!(
-                "waiting for nodes: {} of {} have joined",
+                "waiting for nodes: {} of {needed} have joined",
                 candidates.len(),
-                cfg.min_nodes.max(1)
             );
             for id in candidates {
                 self.send(
@@ -251,6 +335,7 @@ impl Room {
         };
         let order: Vec<NodeId> = order.into_iter().map(|i| candidates[i]).collect();
         let n = order.len();
+        self.formed = true;
         for (i, (&id, a)) in order.iter().zip(&plan.nodes).enumerate() {
             let m = &self.members[&id];
             let resident = (a.weight_bytes as f64 * m.profile.weight_factor) as u64;
@@ -306,39 +391,58 @@ impl Room {
     /// Sends waiting requests to a ready starter; fails those waiting too long.
     fn dispatch(&mut self, cfg: &RoomConfig) {
         let now = Instant::now();
-        while let Some(p) = self.pending.front() {
-            if now.duration_since(p.since) <= cfg.queue_timeout {
-                break;
+        let status = self.status.clone();
+        self.pending.retain(|j| {
+            if now.duration_since(j.since) <= cfg.queue_timeout {
+                return true;
             }
-            if let Some(p) = self.pending.pop_front() {
-                let _ = p.tx.send(StreamItem::Finished(
-                    FinishReason::Error,
-                    Some(format!(
-                        "no ready ring within {} s: {}",
-                        cfg.queue_timeout.as_secs(),
-                        self.status
-                    )),
-                ));
-            }
-        }
+            let _ = j.tx.send(StreamItem::Finished(
+                FinishReason::Error,
+                Some(format!(
+                    "no ready ring within {} s: {status}",
+                    cfg.queue_timeout.as_secs()
+                )),
+            ));
+            false
+        });
         if !self.is_ready() {
             return;
         }
         let Some(starter) = self.starter() else {
             return;
         };
-        while let Some(p) = self.pending.pop_front() {
+        while let Some(j) = self.pending.pop_front() {
+            // A resumed request whose end was already reached (its last token, or the
+            // finish, was lost with the ring) ends here.
+            let left = j.req.max_tokens.saturating_sub(j.generated.len());
+            let ended = match j.generated.last() {
+                Some(t) if j.req.eos_ids.contains(t) => Some(FinishReason::Eos),
+                _ if left == 0 => Some(FinishReason::MaxTokens),
+                _ => None,
+            };
+            if let Some(f) = ended {
+                let _ = j.tx.send(StreamItem::Finished(f, None));
+                continue;
+            }
+            let mut prompt_tokens = j.req.prompt_tokens.clone();
+            prompt_tokens.extend_from_slice(&j.generated);
+            if j.resumes > 0 {
+                self.recovery.replayed_tokens += prompt_tokens.len() as u64;
+            }
+            let request = self.next_dispatch;
+            self.next_dispatch += 1;
             self.send(
                 starter,
                 ToNode::Generate {
-                    request: p.id,
-                    prompt_tokens: p.req.prompt_tokens,
-                    max_tokens: p.req.max_tokens,
-                    sampling: p.req.sampling,
-                    eos_ids: p.req.eos_ids,
+                    request,
+                    prompt_tokens,
+                    max_tokens: left,
+                    // A seeded sampler goes on with the draws it has not made yet.
+                    sampling: j.req.sampling.resumed_after(j.generated.len()),
+                    eos_ids: j.req.eos_ids.clone(),
                 },
             );
-            self.active.insert(p.id, Active { tx: p.tx });
+            self.active.insert(request, j);
         }
     }
 }
@@ -391,13 +495,15 @@ pub struct RingView {
     pub sequences: SequencesView,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SequencesView {
     pub in_flight: usize,
     pub queued: usize,
     pub peak_in_flight: usize,
     pub requests_active: usize,
     pub requests_waiting: usize,
+    /// How requests fared when rings broke under them.
+    pub recovery: RecoveryView,
 }
 
 impl Hub {
@@ -578,8 +684,15 @@ impl Hub {
             }
             ToServer::Tokens { request, tokens } => {
                 if r.starter() == Some(id) {
-                    if let Some(a) = r.active.get(&request) {
-                        let _ = a.tx.send(StreamItem::Tokens(tokens));
+                    if let Some(j) = r.active.get_mut(&request) {
+                        // No more than the request asked for, whatever the starter sends:
+                        // what the room keeps per request stays bounded.
+                        let left = j.req.max_tokens.saturating_sub(j.generated.len());
+                        let tokens: Vec<u32> = tokens.into_iter().take(left).collect();
+                        if !tokens.is_empty() {
+                            j.generated.extend_from_slice(&tokens);
+                            let _ = j.tx.send(StreamItem::Tokens(tokens));
+                        }
                     }
                 }
             }
@@ -589,8 +702,8 @@ impl Hub {
                 message,
             } => {
                 if r.starter() == Some(id) {
-                    if let Some(a) = r.active.remove(&request) {
-                        let _ = a.tx.send(StreamItem::Finished(finish, message));
+                    if let Some(j) = r.active.remove(&request) {
+                        let _ = j.tx.send(StreamItem::Finished(finish, message));
                     }
                 }
             }
@@ -667,11 +780,13 @@ impl Hub {
             ));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        r.pending.push_back(Pending {
+        r.pending.push_back(Job {
             id,
             req,
+            generated: Vec::new(),
             tx,
             since: Instant::now(),
+            resumes: 0,
         });
         r.dispatch(&cfg);
         Ok((id, rx))
@@ -683,9 +798,11 @@ impl Hub {
             return;
         };
         r.pending.retain(|p| p.id != id);
-        if r.active.remove(&id).is_some() {
+        let sent = r.active.iter().find(|(_, j)| j.id == id).map(|(&d, _)| d);
+        if let Some(d) = sent {
+            r.active.remove(&d);
             if let Some(s) = r.starter() {
-                r.send(s, ToNode::Cancel { request: id });
+                r.send(s, ToNode::Cancel { request: d });
             }
         }
     }
@@ -699,7 +816,7 @@ impl Hub {
             let silent: Vec<NodeId> = self.rooms[&name]
                 .members
                 .iter()
-                .filter(|(_, m)| now.duration_since(m.last_seen) > HEARTBEAT_TIMEOUT)
+                .filter(|(_, m)| now.duration_since(m.last_seen) > m.heartbeat_timeout())
                 .map(|(&id, _)| id)
                 .collect();
             for id in silent {
@@ -709,9 +826,11 @@ impl Hub {
                 continue;
             };
             if let Some(t) = r.changed {
-                // Joins wait for the ring to be idle, so no answer changes mid-way.
+                // Joins wait for the ring to be idle, so running requests are not paused;
+                // under steady traffic, not forever: the requests resume on the new ring.
+                let waited = now.duration_since(t);
                 let idle = r.active.is_empty();
-                if now.duration_since(t) >= SETTLE && (idle || r.ring.is_none()) {
+                if waited >= SETTLE && (idle || r.ring.is_none() || waited >= JOIN_WAIT) {
                     r.replan(&cfg, model);
                 }
             }
@@ -732,13 +851,7 @@ impl Hub {
                 status: "no nodes have joined".into(),
                 model: model.id.clone(),
                 nodes: Vec::new(),
-                sequences: SequencesView {
-                    in_flight: 0,
-                    queued: 0,
-                    peak_in_flight: 0,
-                    requests_active: 0,
-                    requests_waiting: 0,
-                },
+                sequences: SequencesView::default(),
             };
         };
         let position = |id: NodeId| {
@@ -798,6 +911,7 @@ impl Hub {
                 peak_in_flight: starter.map_or(0, |m| m.report.peak_sequences),
                 requests_active: r.active.len(),
                 requests_waiting: r.pending.len(),
+                recovery: r.recovery,
             },
         }
     }
@@ -898,17 +1012,196 @@ mod tests {
         );
         assert_eq!(out.try_recv(), Ok(StreamItem::Tokens(vec![5])));
         assert!(out.try_recv().is_err());
-        // A ring member leaving fails the request with a clear error and re-plans.
+        // A ring member leaving re-plans over who is left (min_nodes gated only the first
+        // ring); the request waits, then resumes on the new starter with what it had
+        // generated as part of its prompt, and its client sees only the new tokens.
         hub.leave("r", other, "test", &model);
+        assert!(out.try_recv().is_err(), "the request waits");
+        let v = hub.view("r", &model, &none);
+        assert!(!v.ready);
+        assert_eq!(v.sequences.requests_waiting, 1);
+        assert_eq!(v.sequences.recovery.resumed, 1);
+        let starter_rx = if starter == a { &mut a_rx } else { &mut b_rx };
+        let mut assign = None;
+        while let Ok(m) = starter_rx.try_recv() {
+            if let ToNode::Assign(x) = m {
+                assign = Some(x);
+            }
+        }
+        let x = assign.expect("the one left gets the whole model");
+        assert_eq!((x.n_nodes, x.index), (1, 0));
+        hub.handle("r", starter, ToServer::Ready { epoch: x.epoch }, &model);
+        let Ok(ToNode::Generate {
+            request: again,
+            prompt_tokens,
+            max_tokens,
+            ..
+        }) = starter_rx.try_recv()
+        else {
+            panic!("the request resumes");
+        };
+        assert_ne!(again, request, "a resumed request is sent under a new id");
+        assert_eq!((prompt_tokens, max_tokens), (vec![1, 2, 5], 2));
+        // Late tokens of the old run are not the client's.
+        hub.handle(
+            "r",
+            starter,
+            ToServer::Tokens {
+                request,
+                tokens: vec![7],
+            },
+            &model,
+        );
+        // The starter cannot send more than was asked for.
+        hub.handle(
+            "r",
+            starter,
+            ToServer::Tokens {
+                request: again,
+                tokens: vec![6, 6, 6],
+            },
+            &model,
+        );
+        hub.handle(
+            "r",
+            starter,
+            ToServer::Finished {
+                request: again,
+                finish: FinishReason::MaxTokens,
+                message: None,
+            },
+            &model,
+        );
+        assert_eq!(out.try_recv(), Ok(StreamItem::Tokens(vec![6, 6])));
+        assert_eq!(
+            out.try_recv(),
+            Ok(StreamItem::Finished(FinishReason::MaxTokens, None))
+        );
+        let v = hub.view("r", &model, &none);
+        assert_eq!(v.sequences.recovery.replayed_tokens, 3);
+        assert_eq!(v.sequences.requests_active, 0);
+    }
+
+    #[test]
+    fn requests_wait_while_the_rest_cannot_hold_the_model_and_resume_when_memory_joins() {
+        let (model, mut hub) = three_node_room();
+        // 6 layers of 100 bytes and 256 of KV cache each, 50 for the starter's tensors: two
+        // of these hold it, one does not.
+        let budget = 1200;
+        let mut rxs = HashMap::new();
+        fn join(
+            hub: &mut Hub,
+            rxs: &mut HashMap<NodeId, mpsc::UnboundedReceiver<ToNode>>,
+            name: &str,
+            budget: u64,
+        ) -> NodeId {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let id = hub.join("r", name.into(), NodeKind::Native, profile(budget), tx);
+            rxs.insert(id, rx);
+            id
+        }
+        let ids: Vec<NodeId> = ["a", "b", "c"]
+            .iter()
+            .map(|n| join(&mut hub, &mut rxs, n, budget))
+            .collect();
+        hub.plan_now(&model);
+        let ready = |hub: &mut Hub| {
+            let epoch = hub.rooms["r"].epoch;
+            let order = hub.rooms["r"].ring.as_ref().unwrap().order.clone();
+            for id in order {
+                hub.handle("r", id, ToServer::Ready { epoch }, &model);
+            }
+            assert!(hub.view("r", &model, &|_| 0).ready);
+        };
+        ready(&mut hub);
+        let req = GenerateRequest {
+            prompt_tokens: vec![1, 2, 3],
+            max_tokens: 4,
+            sampling: SamplingParams::default(),
+            eos_ids: vec![0],
+        };
+        let (_, mut out) = hub.submit("r", req).unwrap();
+        let starter = hub.rooms["r"].starter().unwrap();
+        let sent = |rx: &mut mpsc::UnboundedReceiver<ToNode>| {
+            let mut last = None;
+            while let Ok(m) = rx.try_recv() {
+                if let ToNode::Generate { request, .. } = m {
+                    last = Some(request);
+                }
+            }
+            last
+        };
+        let first = sent(rxs.get_mut(&starter).unwrap()).expect("sent to the starter");
+        hub.handle(
+            "r",
+            starter,
+            ToServer::Tokens {
+                request: first,
+                tokens: vec![8],
+            },
+            &model,
+        );
+        // The starter dies, then a second node: one node cannot hold the model.
+        hub.leave("r", starter, "its connection closed", &model);
+        let second = *ids.iter().find(|&&i| i != starter).unwrap();
+        hub.leave("r", second, "no heartbeat", &model);
+        let v = hub.view("r", &model, &|_| 0);
+        assert!(!v.ready);
+        assert!(v.status.contains("cannot hold the model"), "{}", v.status);
+        assert_eq!(v.sequences.requests_waiting, 1);
+        hub.tick(&model);
+        assert_eq!(out.try_recv(), Ok(StreamItem::Tokens(vec![8])));
+        assert!(out.try_recv().is_err(), "it waits, it is not failed");
+        // Memory joins: the ring re-forms and the request resumes from its 8.
+        let d = join(&mut hub, &mut rxs, "d", budget);
+        hub.plan_now(&model);
+        ready(&mut hub);
+        let new_starter = hub.rooms["r"].starter().unwrap();
+        assert!(new_starter == d || ids.contains(&new_starter));
+        let rx = rxs.get_mut(&new_starter).unwrap();
+        let mut resumed = None;
+        while let Ok(m) = rx.try_recv() {
+            if let ToNode::Generate {
+                prompt_tokens,
+                max_tokens,
+                ..
+            } = m
+            {
+                resumed = Some((prompt_tokens, max_tokens));
+            }
+        }
+        assert_eq!(resumed, Some((vec![1, 2, 3, 8], 3)));
+    }
+
+    #[test]
+    fn a_request_that_waits_past_its_deadline_fails_with_the_reason() {
+        let (model, mut hub) = three_node_room();
+        hub.config.queue_timeout = Duration::from_millis(0);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        hub.join("r", "a".into(), NodeKind::Native, profile(100), tx);
+        hub.plan_now(&model);
+        let (_, mut out) = hub
+            .submit(
+                "r",
+                GenerateRequest {
+                    prompt_tokens: vec![1],
+                    max_tokens: 1,
+                    sampling: SamplingParams::default(),
+                    eos_ids: vec![],
+                },
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        hub.tick(&model);
         match out.try_recv() {
             Ok(StreamItem::Finished(FinishReason::Error, Some(m))) => {
-                assert!(m.contains("re-formed"), "{m}")
+                assert!(
+                    m.contains("no ready ring") && m.contains("waiting for nodes"),
+                    "{m}"
+                )
             }
             other => panic!("{other:?}"),
         }
-        let v = hub.view("r", &model, &none);
-        assert!(!v.ready);
-        assert!(v.status.contains("waiting for nodes"), "{}", v.status);
     }
 
     /// A six-layer model and a room that forms rings of three.
@@ -995,9 +1288,11 @@ mod tests {
             told.contains("dropped") && told.contains("unusable frames"),
             "{told}"
         );
+        // The two left form the next ring.
         let v = hub.view("r", &model, &|_| 0);
         assert_eq!(v.nodes.len(), 2);
-        assert!(v.status.contains("waiting for nodes"), "{}", v.status);
+        assert!(v.epoch > epoch);
+        assert!(v.status.starts_with("loading: 2 nodes"), "{}", v.status);
     }
 
     #[test]
