@@ -158,7 +158,14 @@ pub fn run(b: &ApiBench) -> Result<Vec<Row>> {
         let _nodes: Vec<Killed> = (1..=n)
             .map(|i| {
                 Command::new(&mdi)
-                    .args(["node", "--server", &url, "--name", &format!("bench-{i}")])
+                    .args([
+                        "node",
+                        "--server",
+                        &url,
+                        "--name",
+                        &format!("bench-{i}"),
+                        "--no-cache",
+                    ])
                     .args(["--backend", &b.backend, "--memory-budget", &b.memory_budget])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())

@@ -208,7 +208,7 @@ impl Cluster {
         let enter = self.cgroup(i, cpu, memory)?;
         // Into the cgroups first, then exec: the node never runs outside its limits.
         let script = format!(
-            "{enter}; exec ip netns exec {} {} node --server {server} --name edge-{i} --threads {} {}",
+            "{enter}; exec ip netns exec {} {} node --server {server} --name edge-{i} --no-cache --threads {} {}",
             self.node_ns(i),
             mdi.display(),
             cpu.ceil().max(1.0),

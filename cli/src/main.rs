@@ -123,6 +123,13 @@ struct NodeArgs {
     /// Threads of the CPU engine [default: one per core this process may use].
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Keep downloaded layers here, so a re-formed ring (or a restart) reads the ranges this
+    /// machine already has from disk [default: pieces/ in the model cache directory].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Keep no downloaded layers on disk.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
     /// Emulate a slower network: hold every incoming message this long (benchmarks).
     #[arg(long, default_value_t = 0.0, hide = true)]
     link_delay_ms: f64,
@@ -514,14 +521,16 @@ fn run_node(args: NodeArgs) -> Result<()> {
         backend,
         link_delay: std::time::Duration::from_secs_f64(args.link_delay_ms.max(0.0) / 1e3),
     };
-    mdi_runtime::native::run_node_blocking(
-        opts,
-        args.threads,
-        args.fingerprint,
-        node_status(),
-        stop_signal(),
-    )
-    .map_err(anyhow::Error::msg)
+    let native = mdi_runtime::native::NativeOptions {
+        cpu_threads: args.threads,
+        fingerprint: args.fingerprint,
+        cache_dir: (!args.no_cache).then(|| {
+            args.cache_dir
+                .unwrap_or_else(|| mdi::fetch::cache_dir().join("pieces"))
+        }),
+    };
+    mdi_runtime::native::run_node_blocking(opts, native, node_status(), stop_signal())
+        .map_err(anyhow::Error::msg)
 }
 
 /// What `mdi node` tells the person who started it, on stderr: state changes as lines, the

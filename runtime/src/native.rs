@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +41,20 @@ pub struct NativePlatform {
     loopback: bool,
     /// Threads of the CPU engine (0: one per core).
     cpu_threads: usize,
+    /// Where downloaded tensors are kept for later assignments, if anywhere.
+    cache_dir: Option<PathBuf>,
+}
+
+/// What a native node adds to [`NodeOptions`](crate::session::NodeOptions).
+#[derive(Debug, Clone, Default)]
+pub struct NativeOptions {
+    /// Threads of the CPU engine (0: one per core this process may use).
+    pub cpu_threads: usize,
+    /// Trust an https server by this SHA-256 certificate fingerprint.
+    pub fingerprint: Option<String>,
+    /// Keep downloaded tensors here, so a new plan (after a node leaves, or a restart) takes
+    /// the byte ranges this machine already has from disk instead of the server.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl NativePlatform {
@@ -77,7 +92,23 @@ impl NativePlatform {
             rtc_bind,
             loopback,
             cpu_threads: 0,
+            cache_dir: None,
         })
+    }
+
+    /// Keep downloaded tensors in `dir` (made when first needed).
+    pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.cache_dir = dir;
+        self
+    }
+
+    /// The file of cache entry `key`. Keys come from the server's manifest, so they are
+    /// hashed rather than used as a path.
+    fn cache_path(&self, key: &str) -> Option<PathBuf> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(key.as_bytes());
+        let name: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        self.cache_dir.as_ref().map(|d| d.join(name))
     }
 
     /// Threads for the CPU engine (several nodes sharing one machine split its cores).
@@ -404,6 +435,36 @@ impl Platform for NativePlatform {
     fn rss_bytes(&self) -> Option<u64> {
         rss_bytes()
     }
+
+    fn cache_get(&self, key: String) -> LocalBoxFuture<'_, Option<Vec<u8>>> {
+        let path = self.cache_path(&key);
+        Box::pin(async move {
+            // The caller checks the length; a damaged entry is downloaded again.
+            tokio::fs::read(path?).await.ok()
+        })
+    }
+
+    fn cache_put(&self, key: String, bytes: Vec<u8>) -> LocalBoxFuture<'_, ()> {
+        let path = self.cache_path(&key);
+        let dir = self.cache_dir.clone();
+        Box::pin(async move {
+            let (Some(path), Some(dir)) = (path, dir) else {
+                return;
+            };
+            // Written aside and renamed: another node on this machine, or a crash, never sees
+            // half an entry.
+            let tmp = path.with_extension(format!("part{}", std::process::id()));
+            let stored = async {
+                tokio::fs::create_dir_all(&dir).await?;
+                tokio::fs::write(&tmp, &bytes).await?;
+                tokio::fs::rename(&tmp, &path).await
+            };
+            if let Err(e) = stored.await {
+                tracing::warn!("cannot keep a downloaded tensor in {}: {e}", dir.display());
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
+        })
+    }
 }
 
 impl NativePlatform {
@@ -463,8 +524,7 @@ pub fn default_memory_budget() -> u64 {
 /// resolves: what `mdi node` and the server's local nodes do.
 pub fn run_node_blocking(
     opts: crate::session::NodeOptions,
-    cpu_threads: usize,
-    fingerprint: Option<String>,
+    native: NativeOptions,
     status: crate::session::StatusSink,
     stop: impl std::future::Future<Output = ()> + 'static,
 ) -> Result<(), String> {
@@ -473,8 +533,9 @@ pub fn run_node_blocking(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let platform =
-        NativePlatform::new(&opts.server, fingerprint.as_deref())?.with_cpu_threads(cpu_threads);
+    let platform = NativePlatform::new(&opts.server, native.fingerprint.as_deref())?
+        .with_cpu_threads(native.cpu_threads)
+        .with_cache_dir(native.cache_dir);
     rt.block_on(async move {
         crate::session::run(&platform, opts, status, Box::pin(stop))
             .await

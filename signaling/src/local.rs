@@ -2,7 +2,7 @@
 //! its own async runtime, joining through the server's WebSocket and downloading their layers
 //! over HTTP exactly as separate devices do. One command then gives a working ring.
 
-use mdi_runtime::native::run_node_blocking;
+use mdi_runtime::native::{run_node_blocking, NativeOptions};
 use mdi_runtime::platform::Backend;
 use mdi_runtime::protocol::NodeKind;
 use mdi_runtime::session::NodeOptions;
@@ -53,10 +53,15 @@ pub fn start(
         let spawned = std::thread::Builder::new()
             .name(format!("local node {i}"))
             .spawn(move || {
+                let native = NativeOptions {
+                    cpu_threads: threads,
+                    fingerprint,
+                    // Nodes of this process share the server's file; nothing to keep.
+                    cache_dir: None,
+                };
                 if let Err(e) = run_node_blocking(
                     opts,
-                    threads,
-                    fingerprint,
+                    native,
                     mdi_runtime::session::no_status(),
                     async move {
                         let _ = stop_rx.await;

@@ -79,12 +79,17 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Proc {
     pub child: Child,
     pub name: String,
+    /// A directory of the process's own, removed with it.
+    pub dir: Option<PathBuf>,
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -124,6 +129,7 @@ pub fn start_server(signaling: &Path, args: &[&str]) -> Result<Server> {
     let proc = Proc {
         child,
         name: "signaling".into(),
+        dir: None,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -146,18 +152,34 @@ pub fn start_server(signaling: &Path, args: &[&str]) -> Result<Server> {
     Ok(Server { proc, url })
 }
 
-/// Starts `mdi node` joining `server`.
+/// Starts `mdi node` joining `server`. Unless `extra` says otherwise, the node keeps its
+/// downloads in an empty cache directory of its own (removed with it), so what it downloads
+/// does not depend on earlier runs or on the other nodes.
 pub fn start_node(mdi: &Path, server: &str, name: &str, extra: &[&str]) -> Result<Proc> {
-    let child = Command::new(mdi)
-        .args(["node", "--server", server, "--name", name])
+    let mut cmd = Command::new(mdi);
+    cmd.args(["node", "--server", server, "--name", name])
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    let mut dir = None;
+    if !extra
+        .iter()
+        .any(|a| *a == "--cache-dir" || *a == "--no-cache")
+    {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("mdi-test-{}-{n}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        cmd.arg("--cache-dir").arg(&d);
+        dir = Some(d);
+    }
+    let child = cmd
         .spawn()
         .with_context(|| format!("starting {} node", mdi.display()))?;
     Ok(Proc {
         child,
         name: name.to_string(),
+        dir,
     })
 }
 
