@@ -196,8 +196,8 @@ export async function apiAnswer(url, question) {
 }
 
 // The single-node greedy answer, from the CLI on this machine.
-export function singleNode(question) {
-  const out = execFileSync(MDI, ["generate", "--chat", question, "--max-tokens", String(MAX_TOKENS), "--backend", "oracle", "--json"], {
+export function singleNode(question, maxTokens = MAX_TOKENS) {
+  const out = execFileSync(MDI, ["generate", "--chat", question, "--max-tokens", String(maxTokens), "--backend", "oracle", "--json"], {
     encoding: "utf8",
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -274,4 +274,38 @@ export async function streamOne(url, question, maxTokens) {
     }
   }
   return { tokens, ttft: first ?? performance.now() - t0, end: performance.now() - t0 };
+}
+
+// Streams one greedy request in the background: `pieces` fills as content arrives (each with
+// its arrival time, ms); `done` resolves with the whole text once the stream ends.
+export function streamText(url, question, maxTokens) {
+  const pieces = [];
+  const done = (async () => {
+    const resp = await fetch(`${url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${TOKEN}` },
+      body: JSON.stringify({ messages: [{ role: "user", content: question }], max_tokens: maxTokens, temperature: 0, stream: true }),
+    });
+    assert.equal(resp.status, 200);
+    let buf = "";
+    let finished = false;
+    const decoder = new TextDecoder();
+    for await (const chunk of resp.body) {
+      buf += decoder.decode(chunk, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, cut);
+        buf = buf.slice(cut + 1);
+        if (line === "data: [DONE]") finished = true;
+        if (!line.startsWith("data: ") || finished) continue;
+        const v = JSON.parse(line.slice(6));
+        if (v.error) throw new Error(`the stream ended with an error: ${JSON.stringify(v.error)}`);
+        const c = v.choices?.[0]?.delta?.content;
+        if (c) pieces.push({ t: performance.now(), text: c });
+      }
+    }
+    assert.ok(finished, "the stream ended with [DONE]");
+    return pieces.map((p) => p.text).join("");
+  })();
+  return { pieces, done };
 }

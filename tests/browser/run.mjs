@@ -4,7 +4,8 @@
 // 1. `signaling` + 2 tabs + 1 `mdi node`: the ring forms with the tabs as nodes (`/api/ring`
 //    says "kind": "browser" for them); a chat completion through the API equals the
 //    single-node greedy answer; each tab downloaded exactly its own byte ranges (counted by the
-//    server).
+//    server). Then a tab is closed while two clients stream their answers: the ring re-forms
+//    without it and both streams complete with their undisturbed greedy answers.
 // 2. 3 tabs and no native node (a tab is the starter): the page's chat box and the API both
 //    give the single-node greedy answer; a reloaded tab takes its layers from its cache.
 // 3. No console errors on any page during the runs.
@@ -16,18 +17,21 @@ import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import {
   MDI, QUESTION, TOKEN, apiAnswer, checkDownloads, cleanup, closeAll, consoleErrors, openTab,
-  ring, singleNode, startNode, startServer, waitFor, waitReady,
+  ring, singleNode, startNode, startServer, streamText, waitFor, waitReady,
 } from "./lib.mjs";
 
 const model = execFileSync(MDI, ["fetch"], { encoding: "utf8" }).trim();
 const expected = singleNode(QUESTION);
 console.log(`single-node answer: ${JSON.stringify(expected)}`);
+const LONG_QUESTIONS = ["Write a poem about autumn leaves.", "Explain how rain forms, step by step."];
+const LONG_TOKENS = 16;
+const longExpected = LONG_QUESTIONS.map((q) => singleNode(q, LONG_TOKENS));
 const t0 = Date.now();
 
 // ---- 1. Two tabs and one native node.
 {
   const { url } = await startServer(["--model", model, "--token", TOKEN, "--min-nodes", "3", "--wire", "f32"]);
-  await openTab(url, "tab-a");
+  const tabA = await openTab(url, "tab-a");
   await openTab(url, "tab-b");
   startNode(url, "native-1");
   const r = await waitReady(url, 3);
@@ -39,6 +43,21 @@ const t0 = Date.now();
   assert.equal(await apiAnswer(url, QUESTION), expected);
   await checkDownloads(url, r);
   console.log(`mixed ring: ok (${((Date.now() - t0) / 1000).toFixed(0)} s)`);
+
+  // A tab closes mid-answer.
+  const streams = LONG_QUESTIONS.map((q) => streamText(url, q, LONG_TOKENS));
+  await waitFor("both streams under way", 300_000, async () => streams.every((s) => s.pieces.length >= 2));
+  const closedAt = performance.now();
+  await tabA.page.close();
+  const texts = await Promise.all(streams.map((s) => s.done));
+  assert.deepEqual(texts, longExpected, "the streams equal their undisturbed answers");
+  const waits = streams.map((s) => (s.pieces.find((p) => p.t > closedAt)?.t ?? NaN) - closedAt);
+  const after = await waitReady(url, 2);
+  assert.ok(after.sequences.recovery.resumed > 0, `the close came mid-answer: ${JSON.stringify(after.sequences)}`);
+  console.log(
+    `tab closed mid-answer: ok; close → next token ${waits.map((w) => w.toFixed(0)).join(", ")} ms; ` +
+      `${after.sequences.recovery.replayed_tokens} tokens replayed (${((Date.now() - t0) / 1000).toFixed(0)} s)`,
+  );
   await closeAll();
 }
 
