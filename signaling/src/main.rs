@@ -192,7 +192,14 @@ fn run(args: Args) -> Result<()> {
         let service = app(state).into_make_service();
         match tls {
             None => {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
+                use axum::serve::ListenerExt;
+                // Without TCP_NODELAY a response's last small write waits for the client's
+                // delayed ACK: each of a node's many ranged requests would lose ~40 ms.
+                let listener = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!("cannot set TCP_NODELAY: {e}");
+                    }
+                });
                 axum::serve(listener, service)
                     .with_graceful_shutdown(stopping)
                     .await
@@ -206,7 +213,11 @@ fn run(args: Args) -> Result<()> {
                     h.graceful_shutdown(Some(Duration::from_secs(2)));
                 });
                 let config = axum_server::tls_rustls::RustlsConfig::from_config(t.config);
-                axum_server::from_tcp_rustls(listener, config)
+                // TLS over streams with TCP_NODELAY, for the same reason as above.
+                let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
+                    .acceptor(axum_server::accept::NoDelayAcceptor::new());
+                axum_server::from_tcp(listener)
+                    .acceptor(acceptor)
                     .handle(handle)
                     .serve(service)
                     .await
