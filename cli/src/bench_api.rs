@@ -24,7 +24,7 @@ pub struct ApiBench {
     pub memory_budget: String,
 }
 
-struct Killed(Child);
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -33,7 +33,7 @@ impl Drop for Killed {
     }
 }
 
-fn sibling(name: &str) -> Result<PathBuf> {
+pub(crate) fn sibling(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let p = exe.with_file_name(name);
     if !p.is_file() {
@@ -45,7 +45,7 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn start_server(signaling: &Path, args: &[String]) -> Result<(Killed, String)> {
+pub(crate) fn start_server(signaling: &Path, args: &[String]) -> Result<(Killed, String)> {
     let mut child = Command::new(signaling)
         .args(["--bind", "127.0.0.1:0"])
         .args(args)

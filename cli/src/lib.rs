@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_api;
 pub mod bench_cluster;
+pub mod bench_recovery;
 pub mod chat;
 pub mod fetch;
 pub mod files;

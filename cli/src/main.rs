@@ -57,7 +57,7 @@ enum Command {
     /// Benchmarks that print tables: the GPU engine against the adapter's own bounds, and the
     /// ring against one node.
     #[command(
-        after_help = "Examples:\n  mdi bench\n  mdi bench --skip-gpu --skip-cpu --nodes 4 --sequences 8\n  mdi bench --skip-gpu --skip-cpu --skip-ring --api 4 --api-backend cpu\n  sudo mdi bench --skip-gpu --skip-cpu --skip-ring --cluster 4"
+        after_help = "Examples:\n  mdi bench\n  mdi bench --skip-gpu --skip-cpu --nodes 4 --sequences 8\n  mdi bench --skip-gpu --skip-cpu --skip-ring --api 4 --api-backend cpu\n  sudo mdi bench --skip-gpu --skip-cpu --skip-ring --cluster 4\n  mdi bench --skip-gpu --skip-cpu --skip-ring --recovery 5"
     )]
     Bench(BenchArgs),
     /// Join a ring as a node: download only the assigned layers from the server, link to the
@@ -189,6 +189,13 @@ struct BenchArgs {
     /// Engine of the cluster's nodes.
     #[arg(long, default_value = "cpu")]
     cluster_backend: String,
+    /// Also measure recovery: a server and 3 `mdi node` processes serve 4 streaming clients,
+    /// and mid-answer a secondary node is SIGKILLed R times, then the starter R times.
+    #[arg(long, value_name = "R")]
+    recovery: Option<usize>,
+    /// Engine of the recovery benchmark's nodes.
+    #[arg(long, default_value = "cpu")]
+    recovery_backend: String,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -384,6 +391,22 @@ fn run(cli: Cli) -> Result<()> {
                 mdi::bench::print_table(
                     &format!(
                         "API benchmark: signaling + mdi node processes, {}",
+                        path.display()
+                    ),
+                    &rows,
+                );
+            }
+            if let Some(r) = args.recovery {
+                let rows = mdi::bench_recovery::run(&mdi::bench_recovery::RecoveryBench {
+                    model: path.clone(),
+                    rounds: r.max(1),
+                    max_tokens: args.max_tokens.max(32),
+                    backend: args.recovery_backend.clone(),
+                    memory_budget: args.api_memory.clone(),
+                })?;
+                mdi::bench::print_table(
+                    &format!(
+                        "Recovery: nodes SIGKILLed mid-answer, signaling + mdi node processes, {}",
                         path.display()
                     ),
                     &rows,
