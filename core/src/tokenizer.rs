@@ -83,6 +83,12 @@ impl Tokenizer {
             .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            // No word cache: `tokenizers` keeps it in a thread-local map keyed per BPE
+            // instance and never removes an instance's entry when it is dropped, so every
+            // tokenizer built from a file (the fuzzer builds millions) would leave memory
+            // behind on each thread that used it. Prompts are short; merging words afresh costs
+            // little.
+            .cache_capacity(0)
             .build()
             .map_err(tok_err)?;
 
