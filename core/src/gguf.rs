@@ -373,7 +373,9 @@ impl Gguf {
                 len: src.len(),
             });
         }
-        let mut raw = Vec::with_capacity(n_tensors as usize);
+        // Entries are parsed, not trusted: ~64 bytes each in memory against 24 or more in the
+        // file, so reserve only a little ahead of what has been read.
+        let mut raw = Vec::with_capacity(n_tensors.min(RESERVE_AHEAD) as usize);
         for i in 0..n_tensors {
             let name = cur.string(&format!("name of tensor {i}"))?;
             let n_dims = cur.u32(&format!("dims of tensor `{name}`"))?;
