@@ -475,10 +475,12 @@ pub fn fuzz(target: &mut dyn Target, opts: &Options) -> Report {
         };
         if let Some(f) = failure {
             if let Some(dir) = &opts.artifacts {
-                let path = dir.join(format!(
-                    "{name}-failure-{}.bin",
-                    label(&format!("{f}")) % 1_000_000
-                ));
+                // Named by the input's own hash: two failures with the same message (digits
+                // are left out of labels) must not overwrite each other.
+                let hash = f.input().iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                });
+                let path = dir.join(format!("{name}-failure-{:016x}.bin", hash));
                 let _ = std::fs::write(path, f.input());
             }
             failures.push(f);
