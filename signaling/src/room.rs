@@ -1174,6 +1174,84 @@ mod tests {
     }
 
     #[test]
+    fn a_join_waits_for_an_idle_ring_but_not_forever_and_requests_give_up_after_many_breaks() {
+        let (model, mut hub) = three_node_room();
+        let mut rxs = Vec::new();
+        let mut join = |hub: &mut Hub, name: &str| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            rxs.push(rx);
+            hub.join("r", name.into(), NodeKind::Native, profile(1 << 30), tx)
+        };
+        for n in ["a", "b", "c"] {
+            join(&mut hub, n);
+        }
+        hub.plan_now(&model);
+        let ready = |hub: &mut Hub| {
+            let epoch = hub.rooms["r"].epoch;
+            let order = hub.rooms["r"].ring.as_ref().unwrap().order.clone();
+            for id in order {
+                hub.handle("r", id, ToServer::Ready { epoch }, &model);
+            }
+        };
+        ready(&mut hub);
+        let req = GenerateRequest {
+            prompt_tokens: vec![1],
+            max_tokens: 4,
+            sampling: SamplingParams::default(),
+            eos_ids: vec![],
+        };
+        let (_, mut out) = hub.submit("r", req).unwrap();
+        assert_eq!(hub.view("r", &model, &|_| 0).sequences.requests_active, 1);
+        // A join while the request runs: no re-plan after the settle time...
+        join(&mut hub, "d");
+        let epoch = hub.rooms["r"].epoch;
+        hub.rooms.get_mut("r").unwrap().changed = Some(Instant::now() - SETTLE);
+        hub.tick(&model);
+        assert_eq!(
+            hub.rooms["r"].epoch, epoch,
+            "the running request is not paused"
+        );
+        // ...but after JOIN_WAIT the ring re-forms with the new node and the request resumes.
+        hub.rooms.get_mut("r").unwrap().changed = Some(Instant::now() - JOIN_WAIT);
+        hub.tick(&model);
+        assert!(hub.rooms["r"].epoch > epoch);
+        assert_eq!(hub.rooms["r"].ring.as_ref().unwrap().order.len(), 4);
+        assert_eq!(hub.view("r", &model, &|_| 0).sequences.recovery.resumed, 1);
+        ready(&mut hub);
+        assert_eq!(hub.view("r", &model, &|_| 0).sequences.requests_active, 1);
+        // A request whose rings keep breaking gives up after MAX_RESUMES, with a reason.
+        for _ in 0..MAX_RESUMES {
+            assert!(out.try_recv().is_err());
+            let starter = hub.rooms["r"].starter().unwrap();
+            hub.handle(
+                "r",
+                starter,
+                ToServer::Failed {
+                    epoch: hub.rooms["r"].epoch,
+                    message: "test".into(),
+                },
+                &model,
+            );
+            hub.rooms.get_mut("r").unwrap().retry_failed();
+            hub.plan_now(&model);
+            if hub.rooms["r"].ring.is_none() {
+                let cfg = hub.config.clone();
+                hub.rooms.get_mut("r").unwrap().replan(&cfg, &model);
+            }
+            ready(&mut hub);
+        }
+        let starter = hub.rooms["r"].starter().unwrap();
+        hub.leave("r", starter, "test", &model);
+        match out.try_recv() {
+            Ok(StreamItem::Finished(FinishReason::Error, Some(m))) => {
+                assert!(m.contains("giving up"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(hub.view("r", &model, &|_| 0).sequences.recovery.failed, 1);
+    }
+
+    #[test]
     fn a_request_that_waits_past_its_deadline_fails_with_the_reason() {
         let (model, mut hub) = three_node_room();
         hub.config.queue_timeout = Duration::from_millis(0);
