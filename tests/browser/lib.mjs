@@ -48,9 +48,12 @@ const children = [];
 const browsers = [];
 export const consoleErrors = [];
 
+const caches = [];
+
 export function cleanup() {
   for (const b of browsers) b.process()?.kill("SIGKILL");
   for (const c of children) c.kill("SIGKILL");
+  for (const d of caches.splice(0)) rmSync(d, { recursive: true, force: true });
 }
 process.on("exit", cleanup);
 
@@ -103,8 +106,12 @@ export function startServer(args) {
   });
 }
 
+// A native node. It keeps its downloads in an empty cache directory of its own, so what it
+// fetches from the server does not depend on earlier runs.
 export function startNode(url, name, backend = "oracle", extra = []) {
-  const child = spawn(MDI, ["node", "--server", url, "--name", name, "--token", TOKEN, "--backend", backend, "--memory-budget", "2G", ...extra], {
+  const cache = mkdtempSync(join(tmpdir(), `mdi-cache-${name}-`));
+  caches.push(cache);
+  const child = spawn(MDI, ["node", "--server", url, "--name", name, "--token", TOKEN, "--backend", backend, "--memory-budget", "2G", "--cache-dir", cache, ...extra], {
     stdio: ["ignore", "ignore", "inherit"],
   });
   children.push(child);
