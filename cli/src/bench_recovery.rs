@@ -116,8 +116,9 @@ fn text(pieces: &[(Instant, String)]) -> String {
     pieces.iter().map(|(_, p)| p.as_str()).collect()
 }
 
-/// Model bytes the server sent the nodes of `after` since `before`.
-fn downloaded_since(before: &Value, after: &Value) -> u64 {
+/// Model bytes the server sent the nodes of `after` (two `/api/ring` views) since `before`; a
+/// node new in `after` counts whole.
+pub fn downloaded_since(before: &Value, after: &Value) -> u64 {
     let empty = Vec::new();
     let earlier = before["nodes"].as_array().unwrap_or(&empty);
     after["nodes"]

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use mdi::bench_recovery::downloaded_since;
 use mdi_tests::procs::{self, http, Proc};
 use mdi_tests::rings::{chat_requests, single_node_all};
 use serde_json::{json, Value};
@@ -184,27 +185,6 @@ fn with_role(ring: &Value, role: &str) -> Result<String> {
         .and_then(|n| n["name"].as_str())
         .map(str::to_string)
         .with_context(|| format!("no {role} in {ring}"))
-}
-
-/// Model bytes the server sent the nodes of `after` since `before` (a node new in `after`
-/// counts whole).
-fn downloaded_since(before: &Value, after: &Value) -> u64 {
-    let nodes = |r: &Value| r["nodes"].as_array().cloned().unwrap_or_default();
-    let earlier = nodes(before);
-    nodes(after)
-        .iter()
-        .map(|n| {
-            let was = earlier
-                .iter()
-                .find(|b| b["id"] == n["id"])
-                .and_then(|b| b["downloaded_bytes"].as_u64())
-                .unwrap_or(0);
-            n["downloaded_bytes"]
-                .as_u64()
-                .unwrap_or(0)
-                .saturating_sub(was)
-        })
-        .sum()
 }
 
 fn kill(nodes: &mut Vec<Proc>, name: &str) -> Result<Instant> {
