@@ -1106,11 +1106,7 @@ mod tests {
             .collect();
         hub.plan_now(&model);
         let ready = |hub: &mut Hub| {
-            let epoch = hub.rooms["r"].epoch;
-            let order = hub.rooms["r"].ring.as_ref().unwrap().order.clone();
-            for id in order {
-                hub.handle("r", id, ToServer::Ready { epoch }, &model);
-            }
+            all_ready(hub, &model);
             assert!(hub.view("r", &model, &|_| 0).ready);
         };
         ready(&mut hub);
@@ -1186,13 +1182,7 @@ mod tests {
             join(&mut hub, n);
         }
         hub.plan_now(&model);
-        let ready = |hub: &mut Hub| {
-            let epoch = hub.rooms["r"].epoch;
-            let order = hub.rooms["r"].ring.as_ref().unwrap().order.clone();
-            for id in order {
-                hub.handle("r", id, ToServer::Ready { epoch }, &model);
-            }
-        };
+        let ready = |hub: &mut Hub| all_ready(hub, &model);
         ready(&mut hub);
         let req = GenerateRequest {
             prompt_tokens: vec![1],
@@ -1279,6 +1269,15 @@ mod tests {
                 )
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// Every member of room `r`'s planned ring says it is ready.
+    fn all_ready(hub: &mut Hub, model: &ModelFacts) {
+        let epoch = hub.rooms["r"].epoch;
+        let order = hub.rooms["r"].ring.as_ref().unwrap().order.clone();
+        for id in order {
+            hub.handle("r", id, ToServer::Ready { epoch }, model);
         }
     }
 
