@@ -208,8 +208,8 @@ fn naive_attention(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32
 #[test]
 fn attention_matches_scalar_and_the_plain_formula() -> Result<()> {
     let mut rng = Rng::new(seed());
-    for hd in [2usize, 10, 16, 64, 66] {
-        for group in [1usize, 3] {
+    for hd in [2usize, 10, 16, 64, 66, 128] {
+        for group in [1usize, 3, 4] {
             for positions in [1usize, 5, 33] {
                 let cap = positions + 3; // rows past the visible ones must not matter
                 let q = random(&mut rng, group * hd);

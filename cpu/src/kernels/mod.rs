@@ -712,21 +712,6 @@ macro_rules! simd_kernels {
             sum
         }
 
-        /// y += alpha · x over `len` values.
-        $(#[$attr])*
-        #[inline]
-        unsafe fn axpy_ptr(alpha: f32, x: *const f32, y: *mut f32, len: usize) {
-            let nv = len / LANES;
-            let a = splat(alpha);
-            for k in 0..nv {
-                let yp = y.add(k * LANES);
-                storeu(yp, fma(a, loadu(x.add(k * LANES)), loadu(yp)));
-            }
-            for k in nv * LANES..len {
-                *y.add(k) += alpha * *x.add(k);
-            }
-        }
-
         /// See [`Kernels::attend`](super::Kernels::attend).
         ///
         /// # Safety
@@ -745,21 +730,100 @@ macro_rules! simd_kernels {
         ) {
             let group = q.len() / hd;
             let n = positions;
-            // Key rows outermost: each is read once for all heads of the group.
-            for j in 0..n {
-                let k = keys.as_ptr().add(j * hd);
+            let (qp, kp, vp) = (q.as_ptr(), keys.as_ptr(), values.as_ptr());
+            let (sp, op) = (scores.as_mut_ptr(), out.as_mut_ptr());
+            let nv = hd / LANES;
+            let done = nv * LANES;
+            // Scores, four key rows at a time: each row is read once for all heads of the
+            // group, and the four dot products of a head are summed across lanes together.
+            let mut j = 0;
+            while j + 4 <= n {
                 for g in 0..group {
-                    scores[g * n + j] = dot_ptr(q.as_ptr().add(g * hd), k, hd) * scale;
+                    let qg = qp.add(g * hd);
+                    let mut acc = [zero(); 4];
+                    for k in 0..nv {
+                        let qv = loadu(qg.add(k * LANES));
+                        for t in 0..4 {
+                            acc[t] = fma(qv, loadu(kp.add((j + t) * hd + k * LANES)), acc[t]);
+                        }
+                    }
+                    let mut s4 = hsum4(acc);
+                    for t in 0..4 {
+                        for k in done..hd {
+                            s4[t] += *qg.add(k) * *kp.add((j + t) * hd + k);
+                        }
+                        *sp.add(g * n + j + t) = s4[t] * scale;
+                    }
                 }
+                j += 4;
+            }
+            while j < n {
+                for g in 0..group {
+                    *sp.add(g * n + j) = dot_ptr(qp.add(g * hd), kp.add(j * hd), hd) * scale;
+                }
+                j += 1;
             }
             for g in 0..group {
                 $crate::kernels::softmax(&mut scores[g * n..(g + 1) * n]);
             }
-            out.fill(0.0);
+            // The value rows mixed into accumulators held in registers, up to four vectors
+            // of two heads at a time (eight independent FMA chains), not through memory.
+            let mut g = 0;
+            while g < group {
+                let heads = if g + 2 <= group { 2 } else { 1 };
+                let mut k = 0;
+                while k < nv {
+                    let c = if k + 4 <= nv { 4 } else { 1 };
+                    match (heads, c) {
+                        (2, 4) => mix::<2, 4>(sp.add(g * n), n, vp, hd, k * LANES, op.add(g * hd)),
+                        (2, _) => mix::<2, 1>(sp.add(g * n), n, vp, hd, k * LANES, op.add(g * hd)),
+                        (_, 4) => mix::<1, 4>(sp.add(g * n), n, vp, hd, k * LANES, op.add(g * hd)),
+                        _ => mix::<1, 1>(sp.add(g * n), n, vp, hd, k * LANES, op.add(g * hd)),
+                    }
+                    k += c;
+                }
+                for h in g..g + heads {
+                    for d in done..hd {
+                        let mut sum = 0.0;
+                        for j in 0..n {
+                            sum += *sp.add(h * n + j) * *vp.add(j * hd + d);
+                        }
+                        *op.add(h * hd + d) = sum;
+                    }
+                }
+                g += heads;
+            }
+        }
+
+        /// `out[h·hd + off ..][.. C·LANES] = Σ_j scores[h·n + j] · values[j·hd + off ..]` for
+        /// the G heads whose scores start at `s` and outputs at `o`.
+        $(#[$attr])*
+        #[inline]
+        unsafe fn mix<const G: usize, const C: usize>(
+            s: *const f32,
+            n: usize,
+            v: *const f32,
+            hd: usize,
+            off: usize,
+            o: *mut f32,
+        ) {
+            let mut acc = [[zero(); C]; G];
             for j in 0..n {
-                let v = values.as_ptr().add(j * hd);
-                for g in 0..group {
-                    axpy_ptr(scores[g * n + j], v, out.as_mut_ptr().add(g * hd), hd);
+                let row = v.add(j * hd + off);
+                let mut vv = [zero(); C];
+                for c in 0..C {
+                    vv[c] = loadu(row.add(c * LANES));
+                }
+                for h in 0..G {
+                    let a = splat(*s.add(h * n + j));
+                    for c in 0..C {
+                        acc[h][c] = fma(a, vv[c], acc[h][c]);
+                    }
+                }
+            }
+            for h in 0..G {
+                for c in 0..C {
+                    storeu(o.add(h * hd + off + c * LANES), acc[h][c]);
                 }
             }
         }
