@@ -572,10 +572,10 @@ async fn self_benchmark(
     });
     node.handle(&start);
     let x: Vec<f32> = (0..h).map(|_| rng.next_f32() - 0.5).collect();
-    let mut steps = 0u32;
-    let mut timed = Duration::ZERO;
+    let mut times = Vec::with_capacity(40);
     let began = Instant::now();
-    // Two warm-up steps (pipeline compilation, first-touch), then up to 0.3 s of steps.
+    // Two warm-up steps (pipeline compilation, first-touch), then up to 38 timed steps or
+    // 1.5 s of them.
     for i in 0..40u32 {
         let frames = mdi_core::wire::encode_activation(
             1,
@@ -599,15 +599,19 @@ async fn self_benchmark(
         }
         node.complete(done);
         if i >= 2 {
-            steps += 1;
-            timed += dt;
+            times.push(dt);
         }
-        if began.elapsed() > Duration::from_millis(1500) && steps >= 3 {
+        if began.elapsed() > Duration::from_millis(1500) && times.len() >= 3 {
             break;
         }
     }
+    // The median step: a step that lost the CPU (to another process, or to a CPU quota
+    // running out mid-step) says nothing about the device's speed, and with the mean a few
+    // such steps made equal devices differ by 3× and the plans that split by speed lopsided.
+    times.sort();
+    let median = times.get(times.len() / 2).copied().unwrap_or_default();
     let work = (h * (q + 2 * kv) + q * h + 3 * h * f) as f64;
-    let speed = work * steps.max(1) as f64 / timed.as_secs_f64().max(1e-9);
+    let speed = work / median.as_secs_f64().max(1e-9);
     let weight_factor = (exec.weight_bytes() as f64 / stored as f64).max(1.0);
     Ok(Profile {
         memory_budget,
