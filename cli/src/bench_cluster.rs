@@ -13,6 +13,7 @@
 //! Ctrl-C. Needs root (namespaces, cgroup v1 at /sys/fs/cgroup) and the `signaling` binary
 //! beside this one.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -291,7 +292,9 @@ fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
 }
 
-fn wait_ready(url: &str, n: usize, stop: &AtomicBool) -> Result<Value> {
+/// Waits until `n` nodes have joined (they join once they have measured themselves) and, with
+/// `ready`, until their ring is ready.
+fn wait_ready(url: &str, n: usize, ready: bool, stop: &AtomicBool) -> Result<Value> {
     let client = reqwest::blocking::Client::new();
     let start = Instant::now();
     loop {
@@ -299,7 +302,7 @@ fn wait_ready(url: &str, n: usize, stop: &AtomicBool) -> Result<Value> {
             bail!("interrupted");
         }
         if let Ok(r) = get_ring(&client, url) {
-            if r["ready"] == true && r["nodes"].as_array().map_or(0, Vec::len) == n {
+            if (!ready || r["ready"] == true) && r["nodes"].as_array().map_or(0, Vec::len) == n {
                 return Ok(r);
             }
             if start.elapsed() > Duration::from_secs(300) {
@@ -312,6 +315,36 @@ fn wait_ready(url: &str, n: usize, stop: &AtomicBool) -> Result<Value> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// Each node's peak (RSS, KV) bytes over a run, by name.
+type Peaks = HashMap<String, (u64, u64)>;
+
+/// Runs `f` while polling the ring view: each node's peak RSS and KV bytes.
+fn with_peaks<T: Send>(url: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<(T, Peaks)> {
+    let done = AtomicBool::new(false);
+    let mut peaks = Peaks::new();
+    let out = std::thread::scope(|sc| {
+        let poller = sc.spawn(|| {
+            let client = reqwest::blocking::Client::new();
+            while !done.load(Ordering::SeqCst) {
+                if let Ok(r) = get_ring(&client, url) {
+                    for node in r["nodes"].as_array().into_iter().flatten() {
+                        let name = node["name"].as_str().unwrap_or("?").to_string();
+                        let e = peaks.entry(name).or_default();
+                        e.0 = e.0.max(node["rss_bytes"].as_u64().unwrap_or(0));
+                        e.1 = e.1.max(node["kv_bytes"].as_u64().unwrap_or(0));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let out = f();
+        done.store(true, Ordering::SeqCst);
+        let _ = poller.join();
+        out
+    })?;
+    Ok((out, peaks))
 }
 
 /// How a memory-capped ring ended: the server's status, and (served) tok/s and each node's RSS.
@@ -355,6 +388,12 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
     }
     let mdi = std::env::current_exe()?;
     let model = b.model.display().to_string();
+    let config = crate::open_model(&b.model)?.config;
+    let (h, f) = (config.hidden as f64, config.ffn as f64);
+    let (q, kv) = (config.q_dim() as f64, config.kv_dim() as f64);
+    let layer_work = h * (q + 2.0 * kv) + q * h + 3.0 * h * f;
+    let head_work = config.vocab as f64 * h;
+    let n_layers = config.n_layers as f64;
     let mut scaling = Vec::new();
     let mut base: [Option<f64>; 2] = [None, None];
     for n in 1..=b.max_nodes {
@@ -393,17 +432,22 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
         }
         for i in 1..=n {
             c.spawn_node(i, &mdi, &url, &node_args, b.cpu, None)?;
+            // One at a time: a node joins once it has timed itself, and nodes timing
+            // themselves together on these shared cores measured each other, which gave
+            // equal devices speeds up to 3× apart and lopsided plans.
+            let (sw, u, st) = (c.switch(), url.clone(), stop.clone());
+            in_netns(&sw, move || wait_ready(&u, i, false, &st))?;
         }
         let (sw, u, t, st) = (c.switch(), url.clone(), b.max_tokens, stop.clone());
-        let (ring, runs) = in_netns(&sw, move || {
-            let ring0 = wait_ready(&u, n, &st)?;
+        let (ring, runs, peaks) = in_netns(&sw, move || {
+            let ring0 = wait_ready(&u, n, true, &st)?;
             stream_one(&u, "Hello.", 4)?; // warm-up
-            let one = load(&u, n, t)?;
-            let two = load(&u, 2 * n, t)?;
+            let ((one, two), peaks) =
+                with_peaks(&u, || Ok((load(&u, n, t)?, load(&u, 2 * n, t)?)))?;
             std::thread::sleep(Duration::from_millis(1500)); // a heartbeat with final figures
             let client = reqwest::blocking::Client::new();
             let ring = get_ring(&client, &u).unwrap_or(ring0);
-            Ok((ring, [one, two]))
+            Ok((ring, [one, two], peaks))
         })?;
         let on = format!("{n} × ({} CPU, {delay_note})", b.cpu);
         for (k, (tok_s, ttft, tokens)) in runs.iter().enumerate() {
@@ -422,26 +466,61 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                 ok: (n > 1).then_some(scale >= 0.9 * n as f64),
             });
         }
-        for node in ring["nodes"].as_array().cloned().unwrap_or_default() {
-            let rss = node["rss_bytes"].as_u64().unwrap_or(0);
+        let nodes = ring["nodes"].as_array().cloned().unwrap_or_default();
+        // The most this plan can scale on equal devices: one node's work per token over the
+        // work of the busiest stage (the starter's includes the LM head).
+        let stage_work: Vec<f64> = nodes
+            .iter()
+            .map(|node| {
+                let layers = node["layers"][1].as_f64().unwrap_or(0.0)
+                    - node["layers"][0].as_f64().unwrap_or(0.0);
+                let head = if node["role"] == "starter" {
+                    head_work
+                } else {
+                    0.0
+                };
+                layers * layer_work + head
+            })
+            .collect();
+        let busiest = stage_work.iter().copied().fold(0.0, f64::max);
+        if n > 1 && busiest > 0.0 {
+            let whole = n_layers * layer_work + head_work;
+            scaling.push(Row {
+                what: format!("N={n}: the plan's bound on scaling (equal devices)"),
+                on: on.clone(),
+                value: format!("{:.2}×", whole / busiest),
+                bound: format!(
+                    "one node's work ÷ the busiest stage's ({:.0}% of it the LM head)",
+                    100.0 * head_work / busiest
+                ),
+                ok: None,
+            });
+        }
+        for node in nodes {
+            // Peaks over the run (the heartbeats report every half second): the KV cache
+            // is freed when the streams end, the memory it took is not all returned.
+            let name = node["name"].as_str().unwrap_or("?");
+            let (peak_rss, peak_kv) = peaks.get(name).copied().unwrap_or_default();
+            let rss = peak_rss.max(node["rss_bytes"].as_u64().unwrap_or(0));
             let share = node["planned_weight_bytes"].as_u64().unwrap_or(0);
-            let kv = node["kv_bytes"].as_u64().unwrap_or(0);
+            let kv = peak_kv.max(node["kv_bytes"].as_u64().unwrap_or(0));
             let bound = share + kv + 40_000_000;
             let rtt = node["rtt_ms"].as_f64();
             scaling.push(Row {
                 what: format!(
-                    "N={n}: {} layers {}..{}: RSS (hop latency)",
+                    "N={n}: {} layers {}..{}: peak RSS (hop latency; speed)",
                     node["name"].as_str().unwrap_or("?"),
                     node["layers"][0],
                     node["layers"][1]
                 ),
                 on: on.clone(),
                 value: format!(
-                    "{} ({})",
+                    "{} ({}; {:.1} GMAC/s)",
                     mb(rss),
-                    rtt.map_or("–".into(), |r| format!("{:.1} ms", r / 2.0))
+                    rtt.map_or("–".into(), |r| format!("{:.1} ms", r / 2.0)),
+                    node["speed_gmacs"].as_f64().unwrap_or(0.0)
                 ),
-                bound: format!("≤ share {} + KV {} + 40 MB", mb(share), mb(kv)),
+                bound: format!("≤ share {} + peak KV {} + 40 MB", mb(share), mb(kv)),
                 ok: Some(rss > 0 && rss <= bound),
             });
         }

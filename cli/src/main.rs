@@ -170,7 +170,8 @@ struct BenchArgs {
     #[arg(long, default_value = "2G")]
     api_memory: String,
     /// Also run the emulated edge cluster (as root): 1..=N `mdi node` processes, each in its
-    /// own network namespace and cgroup, with shaped links, and S = N and 2N clients.
+    /// own network namespace and cgroup, with shaped links, and S = N and 2N clients, each
+    /// generating --max-tokens but at least 128 (steady decoding, not mostly prefill).
     #[arg(long, value_name = "N")]
     cluster: Option<usize>,
     /// CPUs per cluster node (a cgroup CPU quota).
@@ -423,7 +424,7 @@ fn run(cli: Cli) -> Result<()> {
                     cpu: args.cluster_cpu,
                     delay_ms: args.cluster_delay_ms,
                     rate_mbit: args.cluster_rate_mbit,
-                    max_tokens: args.max_tokens,
+                    max_tokens: args.max_tokens.max(128),
                     memory_limit: mdi_runtime::platform::parse_bytes(&args.cluster_memory)
                         .map_err(anyhow::Error::msg)?,
                     backend: args.cluster_backend.clone(),
