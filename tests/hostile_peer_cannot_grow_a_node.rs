@@ -192,6 +192,7 @@ fn a_hostile_previous_node_cannot_grow_a_node_or_stop_real_sequences() {
             cmd_rx,
             ev_tx,
             stats(),
+            driver::Batching::greedy(),
         ))
     });
     let h = rt.handle().clone();
@@ -201,7 +202,13 @@ fn a_hostile_previous_node_cannot_grow_a_node_or_stop_real_sequences() {
             next: Some((n_next, n_next_back)),
             prev: Some((n_in, n_back)),
         };
-        h.block_on(driver::run_node(Node::new(node_cfg), &node_exec, hops, ns))
+        h.block_on(driver::run_node(
+            Node::new(node_cfg),
+            &node_exec,
+            hops,
+            ns,
+            driver::Batching::greedy(),
+        ))
     });
 
     // The hostile peer: forwards both ways, and attacks while `attacking` is set.

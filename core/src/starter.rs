@@ -167,6 +167,11 @@ impl<C> Starter<C> {
         self.waiting.len()
     }
 
+    /// Jobs ready to run (at most; a cancelled sequence's job is dropped when reached).
+    pub fn ready_jobs(&self) -> usize {
+        self.ready.len()
+    }
+
     /// Whether a job is ready to run.
     pub fn has_job(&self) -> bool {
         !self.ready.is_empty()

@@ -25,7 +25,7 @@ use mdi_core::node::Node;
 use mdi_core::starter::{Event, SeqRequest, Starter};
 use mdi_core::wire::{self, Control, Message};
 use mdi_transport::{Inbox, Link};
-use web_time::Instant;
+use web_time::{Duration, Instant};
 
 use crate::exec::{CacheHandle, Exec, RuntimeDone};
 
@@ -201,6 +201,96 @@ async fn run_or_pending(job: &mut Running) -> Vec<RuntimeDone> {
     }
 }
 
+/// How a driver forms batches. With more sequences in flight than the ring has stages
+/// (S > N), each stage can run S / N of them as one batch, reading its weights once for all;
+/// but sequences that reach a stage a little apart would each run alone, and a ring settles
+/// into that as easily as into batches. So a stage holding fewer ready sequences than its
+/// share waits, at most half a step (and [`MAX_LINGER`]), for the rest: once a batch has
+/// formed its sequences travel on together, and the wait is not needed again.
+pub struct Batching<'a> {
+    stages: usize,
+    sleep: Box<dyn Fn(Duration) -> LocalBoxFuture<'static, ()> + 'a>,
+}
+
+/// The longest wait for a batch to fill.
+pub const MAX_LINGER: Duration = Duration::from_millis(25);
+
+impl<'a> Batching<'a> {
+    /// Batches of `in flight / stages` sequences; `sleep` is the platform's timer.
+    pub fn new(
+        stages: usize,
+        sleep: impl Fn(Duration) -> LocalBoxFuture<'static, ()> + 'a,
+    ) -> Self {
+        Self {
+            stages: stages.max(1),
+            sleep: Box::new(sleep),
+        }
+    }
+
+    /// Runs whatever is ready, never waiting.
+    pub fn greedy() -> Self {
+        Self::new(usize::MAX, |_| Box::pin(futures::future::pending()))
+    }
+}
+
+enum LingerState {
+    Idle,
+    Waiting,
+    Expired,
+}
+
+/// A stage's wait for its batch to fill (see [`Batching`]).
+struct Linger {
+    state: LingerState,
+    timer: Option<LocalBoxFuture<'static, ()>>,
+    /// How long the last batch took.
+    last_step: Option<Duration>,
+}
+
+impl Linger {
+    fn new() -> Self {
+        Self {
+            state: LingerState::Idle,
+            timer: None,
+            last_step: None,
+        }
+    }
+
+    /// Whether to run the `ready` sequences now, of `here` in flight at this stage.
+    fn run_now(&mut self, b: &Batching<'_>, ready: usize, here: usize, max_batch: usize) -> bool {
+        if ready == 0 {
+            return false;
+        }
+        let want = here.div_ceil(b.stages).clamp(1, max_batch.max(1));
+        let step = self.last_step.map(|s| (s / 2).min(MAX_LINGER));
+        match (step, &self.state) {
+            (Some(wait), LingerState::Idle) if ready < want && !wait.is_zero() => {
+                self.state = LingerState::Waiting;
+                self.timer = Some((b.sleep)(wait));
+                false
+            }
+            (_, LingerState::Waiting) if ready < want => false,
+            _ => {
+                self.state = LingerState::Idle;
+                self.timer = None;
+                true
+            }
+        }
+    }
+
+    fn expired(&mut self) {
+        self.state = LingerState::Expired;
+        self.timer = None;
+    }
+}
+
+async fn linger_or_pending(timer: &mut Option<LocalBoxFuture<'static, ()>>) {
+    match timer.as_mut() {
+        Some(t) => t.await,
+        None => futures::future::pending().await,
+    }
+}
+
 /// Sends pings to the next node and turns pongs into round trips.
 struct Pinger {
     sent: HashMap<u64, Instant>,
@@ -268,6 +358,7 @@ pub async fn run_node(
     exec: &dyn Exec,
     hops: Hops,
     stats: SharedStats,
+    batching: Batching<'_>,
 ) -> Result<(), DriverError> {
     let (Some((next, mut next_back)), Some((mut prev, prev_back))) = (hops.next, hops.prev) else {
         return Err(DriverError::PrevClosed);
@@ -277,15 +368,20 @@ pub async fn run_node(
     let mut running: Running = None;
     let mut pinger = Pinger::new();
     let mut back_open = true;
+    let mut linger = Linger::new();
+    let mut started = Instant::now();
     enum Wake {
         Done(Vec<RuntimeDone>),
         Sent(mdi_transport::Result<()>),
         Replied(mdi_transport::Result<()>),
         Back(Option<Vec<u8>>),
         Msg(Option<Vec<u8>>),
+        Linger,
     }
     loop {
-        if running.is_none() {
+        let st = node.stats();
+        if running.is_none() && linger.run_now(&batching, st.queued, st.sequences, exec.max_batch())
+        {
             // Several sequences ready at once (S > N) run as one batch: each weight is read
             // once for all of them.
             let jobs = node.next_jobs(exec.max_batch());
@@ -293,6 +389,7 @@ pub async fn run_node(
                 let mut s = lock(&stats);
                 s.peak_batch = s.peak_batch.max(jobs.len());
                 drop(s);
+                started = Instant::now();
                 running = Some(exec.submit_batch(jobs));
             }
         }
@@ -321,9 +418,12 @@ pub async fn run_node(
             r = replies.sent().fuse() => Wake::Replied(r),
             m = recv_or_pending(back_open.then_some(&mut next_back)).fuse() => Wake::Back(m),
             m = recv_or_pending(reading.then_some(&mut prev)).fuse() => Wake::Msg(m),
+            _ = linger_or_pending(&mut linger.timer).fuse() => Wake::Linger,
         };
         match wake {
+            Wake::Linger => linger.expired(),
             Wake::Done(batch) => {
+                linger.last_step = Some(started.elapsed());
                 let mut msgs = Vec::new();
                 for done in batch {
                     msgs.extend(node.complete(done));
@@ -393,6 +493,7 @@ pub async fn run_starter(
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
     stats: SharedStats,
+    batching: Batching<'_>,
 ) -> Result<(), DriverError> {
     let (mut out, mut next_back) = match hops.next {
         Some((l, b)) => (Some(Outbox::new(l)), Some(b)),
@@ -407,6 +508,8 @@ pub async fn run_starter(
     let mut commands_open = true;
     let mut pinger = Pinger::new();
     let mut evs = Vec::new();
+    let mut linger = Linger::new();
+    let mut started = Instant::now();
     loop {
         for e in evs.drain(..) {
             // A dropped receiver means nobody listens any more; keep serving the ring.
@@ -422,12 +525,20 @@ pub async fn run_starter(
             s.peak_sequences = s.peak_sequences.max(starter.in_flight());
             s.queued = starter.queued();
         }
-        if running.is_none() {
+        if running.is_none()
+            && linger.run_now(
+                &batching,
+                starter.ready_jobs(),
+                starter.in_flight(),
+                exec.max_batch(),
+            )
+        {
             let jobs = starter.next_jobs(exec.max_batch());
             if !jobs.is_empty() {
                 let mut s = lock(&stats);
                 s.peak_batch = s.peak_batch.max(jobs.len());
                 drop(s);
+                started = Instant::now();
                 running = Some(exec.submit_batch(jobs));
             }
         }
@@ -466,6 +577,7 @@ pub async fn run_starter(
             Back(Option<Vec<u8>>),
             Msg(Option<Vec<u8>>),
             Cmd(Option<Command>),
+            Linger,
         }
         let wake = futures::select_biased! {
             d = run_or_pending(&mut running).fuse() => Wake::Done(d),
@@ -476,9 +588,15 @@ pub async fn run_starter(
             c = async {
                 if commands_open { commands.next().await } else { futures::future::pending().await }
             }.fuse() => Wake::Cmd(c),
+            _ = linger_or_pending(&mut linger.timer).fuse() => Wake::Linger,
         };
         let msgs = match wake {
+            Wake::Linger => {
+                linger.expired();
+                Vec::new()
+            }
             Wake::Done(batch) => {
+                linger.last_step = Some(started.elapsed());
                 let mut msgs = Vec::new();
                 for d in batch {
                     msgs.extend(starter.complete(d, &mut evs));
@@ -545,6 +663,44 @@ mod tests {
     /// Runs no jobs: the frames of these tests never make one.
     struct NoJobs;
 
+    #[test]
+    fn a_stage_waits_for_its_share_of_the_sequences_then_runs_what_it_has() {
+        let timers = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let t = timers.clone();
+        let b = Batching::new(2, move |d| {
+            t.borrow_mut().push(d);
+            Box::pin(futures::future::pending())
+        });
+        let mut l = Linger::new();
+        // Nothing measured yet: no idea how long a wait may be, so none.
+        assert!(l.run_now(&b, 1, 4, 8));
+        l.last_step = Some(Duration::from_millis(10));
+        // 4 sequences over 2 stages: 2 make a batch; 1 waits half a step for the other.
+        assert!(!l.run_now(&b, 1, 4, 8));
+        assert_eq!(*timers.borrow(), [Duration::from_millis(5)]);
+        assert!(l.timer.is_some());
+        assert!(!l.run_now(&b, 1, 4, 8), "still waiting");
+        assert!(l.run_now(&b, 2, 4, 8), "the batch is complete");
+        assert!(l.timer.is_none());
+        // The wait runs out: what is ready runs.
+        assert!(!l.run_now(&b, 1, 4, 8));
+        l.expired();
+        assert!(l.run_now(&b, 1, 4, 8));
+        // Nothing ready: nothing to run; as many sequences as stages: never a wait; the
+        // engine's batch limit caps the share; a long step waits at most MAX_LINGER.
+        assert!(!l.run_now(&b, 0, 4, 8));
+        assert!(l.run_now(&b, 1, 2, 8));
+        assert!(l.run_now(&b, 1, 4, 1));
+        l.last_step = Some(Duration::from_secs(2));
+        assert!(!l.run_now(&b, 1, 4, 8));
+        assert_eq!(timers.borrow().last(), Some(&MAX_LINGER));
+        assert_eq!(timers.borrow().len(), 3);
+        // Greedy: never waits.
+        let mut g = Linger::new();
+        g.last_step = Some(Duration::from_millis(10));
+        assert!(g.run_now(&Batching::greedy(), 1, 64, 8));
+    }
+
     impl Exec for NoJobs {
         fn submit(&self, _job: crate::exec::RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone> {
             Box::pin(futures::future::pending())
@@ -596,7 +752,7 @@ mod tests {
             prev: Some((prev_in, prev_back_tx)),
         };
         let _keep = (next_back_rx_prev, prev_back);
-        let run = run_node(node, &NoJobs, hops, stats.clone());
+        let run = run_node(node, &NoJobs, hops, stats.clone(), Batching::greedy());
         let feed = async move {
             // Garbage: the node's error report about it is longer than the link allows.
             prev_tx.send(b"garbage frame".to_vec()).await.unwrap();

@@ -211,7 +211,13 @@ pub fn run_ring(
                 });
                 return handle
                     .block_on(driver::run_starter(
-                        starter, &*exec, h, commands, events, stats,
+                        starter,
+                        &*exec,
+                        h,
+                        commands,
+                        events,
+                        stats,
+                        driver::Batching::new(n, |d| Box::pin(tokio::time::sleep(d))),
                     ))
                     .map_err(|e| anyhow::anyhow!("starter: {e}"));
             }
@@ -230,7 +236,13 @@ pub fn run_ring(
                 kv_cap_bytes: u64::MAX,
             });
             handle
-                .block_on(driver::run_node(node, &*exec, h, stats))
+                .block_on(driver::run_node(
+                    node,
+                    &*exec,
+                    h,
+                    stats,
+                    driver::Batching::new(n, |d| Box::pin(tokio::time::sleep(d))),
+                ))
                 .map_err(|e| anyhow::anyhow!("node {index}: {e}"))
         }));
     }
