@@ -42,6 +42,8 @@ pub struct ClusterBench {
     /// Per-node memory limit of the memory table, bytes.
     pub memory_limit: u64,
     pub backend: String,
+    /// Rounds over N = 1..max; each figure is the best of them.
+    pub rounds: usize,
 }
 
 const SUBNET: &str = "10.77.0";
@@ -396,60 +398,86 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
     let n_layers = config.n_layers as f64;
     let mut scaling = Vec::new();
     let mut base: [Option<f64>; 2] = [None, None];
-    for n in 1..=b.max_nodes {
-        if stop.load(Ordering::SeqCst) {
-            bail!("interrupted");
+    // Each round measures every N once; a configuration keeps its best figures over the
+    // rounds. A shared machine's speed drifts over minutes, so N = 1 and N = 4 measured
+    // minutes apart once can compare different machines; rounds interleave them.
+    type Measured = (String, Value, [(f64, f64, u64); 2], Peaks);
+    let mut best: Vec<Option<Measured>> = vec![None; b.max_nodes + 1];
+    for _round in 0..b.rounds.max(1) {
+        for (n, kept) in best.iter_mut().enumerate().skip(1) {
+            if stop.load(Ordering::SeqCst) {
+                bail!("interrupted");
+            }
+            let tag = format!("mdi{}", std::process::id() % 100_000);
+            let mut c = Cluster::build(tag, n, b.delay_ms, b.rate_mbit)?;
+            let delay_note = if c.netem {
+                format!("netem {} ms, {} Mbit/s", b.delay_ms, b.rate_mbit)
+            } else {
+                format!(
+                    "{} ms in the nodes' links (no netem here), tbf {} Mbit/s",
+                    b.delay_ms, b.rate_mbit
+                )
+            };
+            let url = c.spawn_server(
+                &signaling,
+                &[
+                    "--model".into(),
+                    model.clone(),
+                    "--min-nodes".into(),
+                    n.to_string(),
+                    "--in-flight".into(),
+                    (2 * n).to_string(),
+                ],
+            )?;
+            let mut node_args = vec![
+                "--backend".to_string(),
+                b.backend.clone(),
+                "--memory-budget".into(),
+                "4G".into(),
+            ];
+            if !c.netem {
+                node_args.push(format!("--link-delay-ms={}", b.delay_ms));
+            }
+            for i in 1..=n {
+                c.spawn_node(i, &mdi, &url, &node_args, b.cpu, None)?;
+                // One at a time: a node joins once it has timed itself, and nodes timing
+                // themselves together on these shared cores measured each other, which gave
+                // equal devices speeds up to 3× apart and lopsided plans.
+                let (sw, u, st) = (c.switch(), url.clone(), stop.clone());
+                in_netns(&sw, move || wait_ready(&u, i, false, &st))?;
+            }
+            let (sw, u, t, st) = (c.switch(), url.clone(), b.max_tokens, stop.clone());
+            let (ring, runs, peaks) = in_netns(&sw, move || {
+                let ring0 = wait_ready(&u, n, true, &st)?;
+                stream_one(&u, "Hello.", 4)?; // warm-up
+                let ((one, two), peaks) =
+                    with_peaks(&u, || Ok((load(&u, n, t)?, load(&u, 2 * n, t)?)))?;
+                std::thread::sleep(Duration::from_millis(1500)); // a heartbeat with final figures
+                let client = reqwest::blocking::Client::new();
+                let ring = get_ring(&client, &u).unwrap_or(ring0);
+                Ok((ring, [one, two], peaks))
+            })?;
+            let on = format!("{n} × ({} CPU, {delay_note})", b.cpu);
+            drop(c);
+            match kept {
+                Some(m) => {
+                    // The best run of each S; the ring and memory of the round best at S = N.
+                    if runs[0].0 > m.2[0].0 {
+                        (m.1, m.3) = (ring, peaks);
+                        m.2[0] = runs[0];
+                    }
+                    if runs[1].0 > m.2[1].0 {
+                        m.2[1] = runs[1];
+                    }
+                }
+                slot => *slot = Some((on, ring, runs, peaks)),
+            }
         }
-        let tag = format!("mdi{}", std::process::id() % 100_000);
-        let mut c = Cluster::build(tag, n, b.delay_ms, b.rate_mbit)?;
-        let delay_note = if c.netem {
-            format!("netem {} ms, {} Mbit/s", b.delay_ms, b.rate_mbit)
-        } else {
-            format!(
-                "{} ms in the nodes' links (no netem here), tbf {} Mbit/s",
-                b.delay_ms, b.rate_mbit
-            )
+    }
+    for (n, m) in best.into_iter().enumerate() {
+        let Some((on, ring, runs, peaks)) = m else {
+            continue;
         };
-        let url = c.spawn_server(
-            &signaling,
-            &[
-                "--model".into(),
-                model.clone(),
-                "--min-nodes".into(),
-                n.to_string(),
-                "--in-flight".into(),
-                (2 * n).to_string(),
-            ],
-        )?;
-        let mut node_args = vec![
-            "--backend".to_string(),
-            b.backend.clone(),
-            "--memory-budget".into(),
-            "4G".into(),
-        ];
-        if !c.netem {
-            node_args.push(format!("--link-delay-ms={}", b.delay_ms));
-        }
-        for i in 1..=n {
-            c.spawn_node(i, &mdi, &url, &node_args, b.cpu, None)?;
-            // One at a time: a node joins once it has timed itself, and nodes timing
-            // themselves together on these shared cores measured each other, which gave
-            // equal devices speeds up to 3× apart and lopsided plans.
-            let (sw, u, st) = (c.switch(), url.clone(), stop.clone());
-            in_netns(&sw, move || wait_ready(&u, i, false, &st))?;
-        }
-        let (sw, u, t, st) = (c.switch(), url.clone(), b.max_tokens, stop.clone());
-        let (ring, runs, peaks) = in_netns(&sw, move || {
-            let ring0 = wait_ready(&u, n, true, &st)?;
-            stream_one(&u, "Hello.", 4)?; // warm-up
-            let ((one, two), peaks) =
-                with_peaks(&u, || Ok((load(&u, n, t)?, load(&u, 2 * n, t)?)))?;
-            std::thread::sleep(Duration::from_millis(1500)); // a heartbeat with final figures
-            let client = reqwest::blocking::Client::new();
-            let ring = get_ring(&client, &u).unwrap_or(ring0);
-            Ok((ring, [one, two], peaks))
-        })?;
-        let on = format!("{n} × ({} CPU, {delay_note})", b.cpu);
         for (k, (tok_s, ttft, tokens)) in runs.iter().enumerate() {
             let s = n * (k + 1);
             let b0 = *base[k].get_or_insert(*tok_s);
@@ -524,7 +552,6 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                 ok: Some(rss > 0 && rss <= bound),
             });
         }
-        drop(c);
     }
 
     // The memory table: a limit per node below the whole model's needs.

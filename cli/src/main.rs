@@ -190,6 +190,10 @@ struct BenchArgs {
     /// Engine of the cluster's nodes.
     #[arg(long, default_value = "cpu")]
     cluster_backend: String,
+    /// Rounds over N = 1..=N in the cluster benchmark; each figure is the best of them (a
+    /// shared machine's speed drifts between minutes).
+    #[arg(long, default_value_t = 2)]
+    cluster_rounds: usize,
     /// Also measure recovery: a server and 3 `mdi node` processes serve 4 streaming clients,
     /// and mid-answer a secondary node is SIGKILLed R times, then the starter R times.
     #[arg(long, value_name = "R")]
@@ -428,6 +432,7 @@ fn run(cli: Cli) -> Result<()> {
                     memory_limit: mdi_runtime::platform::parse_bytes(&args.cluster_memory)
                         .map_err(anyhow::Error::msg)?,
                     backend: args.cluster_backend.clone(),
+                    rounds: args.cluster_rounds,
                 };
                 let (scaling, memory) = mdi::bench_cluster::run(&bench, stop)?;
                 mdi::bench::print_table(
