@@ -241,7 +241,12 @@ print(json.dumps({{"ids": ids, "plain": r.choices[0].message.content,
             "node {} ({layers:?}) downloaded {got}, its share is {want}",
             n["name"]
         );
-        assert!(got < file_len / 2, "no node fetched the whole file");
+        // Shares follow the nodes' measured speeds, which differ when nodes time themselves
+        // at once on the same cores: the starter (head and embedding, 30 MB) can hold half.
+        assert!(
+            got < file_len * 3 / 4,
+            "no node fetched (nearly) the whole file: {got} of {file_len}"
+        );
         assert!(n["rss_bytes"].as_u64().unwrap_or(0) > 0, "RSS is measured");
         assert!(
             n["weight_bytes"].as_u64().unwrap_or(0) > 0,
