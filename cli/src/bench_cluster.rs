@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use mdi_core::plan::ModelCost;
 use serde_json::Value;
 
 use crate::bench::Row;
@@ -249,6 +250,43 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The server for a ring of `n` nodes and `in_flight` sequences; returns its URL.
+    fn start_server(
+        &mut self,
+        signaling: &Path,
+        model: &str,
+        n: usize,
+        in_flight: usize,
+    ) -> Result<String> {
+        self.spawn_server(
+            signaling,
+            &[
+                "--model".into(),
+                model.into(),
+                "--min-nodes".into(),
+                n.to_string(),
+                "--in-flight".into(),
+                in_flight.to_string(),
+            ],
+        )
+    }
+
+    /// `mdi node` arguments: engine, memory budget and, without netem, the links' delay.
+    fn node_args(&self, b: &ClusterBench, memory_budget: &str) -> Vec<String> {
+        let mut args = vec![
+            "--backend".to_string(),
+            b.backend.clone(),
+            "--memory-budget".into(),
+            memory_budget.into(),
+        ];
+        if !self.netem {
+            args.push(format!("--link-delay-ms={}", b.delay_ms));
+        }
+        args
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for c in &mut self.children {
@@ -390,12 +428,10 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
     }
     let mdi = std::env::current_exe()?;
     let model = b.model.display().to_string();
-    let config = crate::open_model(&b.model)?.config;
-    let (h, f) = (config.hidden as f64, config.ffn as f64);
-    let (q, kv) = (config.q_dim() as f64, config.kv_dim() as f64);
-    let layer_work = h * (q + 2.0 * kv) + q * h + 3.0 * h * f;
-    let head_work = config.vocab as f64 * h;
-    let n_layers = config.n_layers as f64;
+    // The planner's own costs: multiply-adds per token of each layer and of the head.
+    let opened = crate::open_model(&b.model)?;
+    let cost = ModelCost::from_store(opened.store.as_ref(), &opened.config)?;
+    drop(opened);
     let mut scaling = Vec::new();
     let mut base: [Option<f64>; 2] = [None, None];
     // Each round measures every N once; a configuration keeps its best figures over the
@@ -418,26 +454,8 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                     b.delay_ms, b.rate_mbit
                 )
             };
-            let url = c.spawn_server(
-                &signaling,
-                &[
-                    "--model".into(),
-                    model.clone(),
-                    "--min-nodes".into(),
-                    n.to_string(),
-                    "--in-flight".into(),
-                    (2 * n).to_string(),
-                ],
-            )?;
-            let mut node_args = vec![
-                "--backend".to_string(),
-                b.backend.clone(),
-                "--memory-budget".into(),
-                "4G".into(),
-            ];
-            if !c.netem {
-                node_args.push(format!("--link-delay-ms={}", b.delay_ms));
-            }
+            let url = c.start_server(&signaling, &model, n, 2 * n)?;
+            let node_args = c.node_args(b, "4G");
             for i in 1..=n {
                 c.spawn_node(i, &mdi, &url, &node_args, b.cpu, None)?;
                 // One at a time: a node joins once it has timed itself, and nodes timing
@@ -497,22 +515,22 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
         let nodes = ring["nodes"].as_array().cloned().unwrap_or_default();
         // The most this plan can scale on equal devices: one node's work per token over the
         // work of the busiest stage (the starter's includes the LM head).
-        let stage_work: Vec<f64> = nodes
+        let head_work = cost.starter_work;
+        let busiest = nodes
             .iter()
             .map(|node| {
-                let layers = node["layers"][1].as_f64().unwrap_or(0.0)
-                    - node["layers"][0].as_f64().unwrap_or(0.0);
+                let at = |i: usize| node["layers"][i].as_u64().unwrap_or(0) as usize;
+                let layers = cost.layer_work.get(at(0)..at(1)).unwrap_or(&[]);
                 let head = if node["role"] == "starter" {
                     head_work
                 } else {
                     0.0
                 };
-                layers * layer_work + head
+                layers.iter().sum::<f64>() + head
             })
-            .collect();
-        let busiest = stage_work.iter().copied().fold(0.0, f64::max);
+            .fold(0.0, f64::max);
         if n > 1 && busiest > 0.0 {
-            let whole = n_layers * layer_work + head_work;
+            let whole = cost.layer_work.iter().sum::<f64>() + head_work;
             scaling.push(Row {
                 what: format!("N={n}: the plan's bound on scaling (equal devices)"),
                 on: on.clone(),
@@ -564,26 +582,8 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
         }
         let tag = format!("mdm{}", std::process::id() % 100_000);
         let mut c = Cluster::build(tag, n, b.delay_ms, b.rate_mbit)?;
-        let url = c.spawn_server(
-            &signaling,
-            &[
-                "--model".into(),
-                model.clone(),
-                "--min-nodes".into(),
-                n.to_string(),
-                "--in-flight".into(),
-                "2".into(),
-            ],
-        )?;
-        let mut node_args = vec![
-            "--backend".to_string(),
-            b.backend.clone(),
-            "--memory-budget".into(),
-            budget.to_string(),
-        ];
-        if !c.netem {
-            node_args.push(format!("--link-delay-ms={}", b.delay_ms));
-        }
+        let url = c.start_server(&signaling, &model, n, 2)?;
+        let node_args = c.node_args(b, &budget.to_string());
         for i in 1..=n {
             c.spawn_node(i, &mdi, &url, &node_args, b.cpu, Some(limit))?;
         }
