@@ -49,6 +49,16 @@ pub struct ClusterBench {
 
 const SUBNET: &str = "10.77.0";
 
+/// CFS bandwidth period and quota (µs) for `cpu` CPUs: the shortest period whose quota is
+/// still the kernel's minimum of 1 ms or more. A device of half the speed is steadily slower;
+/// a quota in long periods runs it at full speed, then stops it for the rest of the period,
+/// and a frame that arrives while it is stopped waits — with 10 ms periods, up to 5 ms a hop.
+fn cfs_period_quota(cpu: f64) -> (u64, u64) {
+    let cpu = cpu.max(0.01);
+    let period = ((1000.0 / cpu.min(1.0)).ceil() as u64).max(2000);
+    (period, ((cpu * period as f64) as u64).max(1000))
+}
+
 fn sh(args: &[&str]) -> Result<()> {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -183,13 +193,9 @@ impl Cluster {
         let mem_dir = Path::new("/sys/fs/cgroup/memory").join(&name);
         std::fs::create_dir_all(&cpu_dir).context("making a cpu cgroup (cgroup v1, as root)")?;
         self.cgroups.push(cpu_dir.clone());
-        // A short period: a slower device is steadily slower, not at full speed for half of
-        // every 100 ms and stopped for the rest (which would add tens of ms to single hops).
-        std::fs::write(cpu_dir.join("cpu.cfs_period_us"), "10000")?;
-        std::fs::write(
-            cpu_dir.join("cpu.cfs_quota_us"),
-            format!("{}", ((cpu * 10_000.0) as u64).max(1000)),
-        )?;
+        let (period, quota) = cfs_period_quota(cpu);
+        std::fs::write(cpu_dir.join("cpu.cfs_period_us"), period.to_string())?;
+        std::fs::write(cpu_dir.join("cpu.cfs_quota_us"), quota.to_string())?;
         let mut enter = format!("echo $$ > {}/cgroup.procs", cpu_dir.display());
         if let Some(m) = memory {
             std::fs::create_dir_all(&mem_dir).context("making a memory cgroup")?;
@@ -506,6 +512,17 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                 value: format!("{tok_s:.1} tok/s ({ttft:.0} ms; {tokens} tokens)"),
                 bound: if n == 1 {
                     "reference".into()
+                } else if k == 0 {
+                    // With one sequence per stage each token of a sequence crosses N links
+                    // in turn: N sequences make N tokens per (one node's time per token +
+                    // N delays) at best, however fast the hops are otherwise.
+                    let t1 = 1.0 / b0;
+                    let d = b.delay_ms / 1e3;
+                    format!(
+                        "scaling {scale:.2}× ≥ 0.9·N = {:.1}× (the links' delay alone allows ≤ {:.2}×)",
+                        0.9 * n as f64,
+                        n as f64 * t1 / (t1 + n as f64 * d)
+                    )
                 } else {
                     format!("scaling {scale:.2}× ≥ 0.9·N = {:.1}×", 0.9 * n as f64)
                 },
@@ -645,4 +662,36 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
         drop(c);
     }
     Ok((scaling, memory))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_quotas_use_short_periods_within_the_kernels_limits() {
+        for (cpu, want) in [
+            (0.5, (2000, 1000)),
+            (0.25, (4000, 1000)),
+            (1.0, (2000, 2000)),
+            (2.0, (2000, 4000)),
+        ] {
+            assert_eq!(cfs_period_quota(cpu), want, "{cpu} CPU");
+        }
+        // Tiny quotas: the period grows so the quota stays at the 1 ms minimum (and the
+        // period under the kernel's 1 s maximum).
+        let (p, q) = cfs_period_quota(0.0);
+        assert_eq!((p, q), (100_000, 1000));
+        for cpu in [0.01, 0.1, 0.3, 0.7, 1.5, 3.0] {
+            let (p, q) = cfs_period_quota(cpu);
+            assert!(
+                (1000..=1_000_000).contains(&p) && q >= 1000,
+                "{cpu}: {p} {q}"
+            );
+            assert!(
+                (q as f64 / p as f64 - cpu).abs() < 0.01 * cpu.max(1.0),
+                "{cpu}: {p} {q}"
+            );
+        }
+    }
 }

@@ -476,7 +476,33 @@ fn random_tensor(rng: &mut Rng, name: &str, dtype: DType, shape: &[usize]) -> Ra
 /// Most steps (and positions) of the self-benchmark. Short: nodes that start together on
 /// one machine (tests, the cluster bench) time themselves at once, and a longer run overlaps
 /// more of the others'.
-const BENCH_STEPS: u32 = 40;
+const BENCH_STEPS: u32 = 128;
+
+/// The self-benchmark's steps are timed in windows of at least this long (or one step).
+const BENCH_WINDOW: Duration = Duration::from_millis(10);
+
+/// The typical time per step of a run whose steps ended at `ends` (from `start`): steps in
+/// consecutive windows of at least [`BENCH_WINDOW`], the median window's mean. A window spans
+/// several periods of a CPU quota (a node capped at half a CPU runs in short bursts, and a
+/// single step is either at full speed or stopped halfway), and the median drops the windows
+/// another process took the CPU in.
+fn typical_step(start: Instant, ends: &[Instant]) -> Duration {
+    let mut windows = Vec::new();
+    let (mut from, mut steps) = (start, 0u32);
+    for &end in ends {
+        steps += 1;
+        let span = end.saturating_duration_since(from);
+        if span >= BENCH_WINDOW {
+            windows.push(span / steps);
+            (from, steps) = (end, 0);
+        }
+    }
+    if windows.is_empty() && steps > 0 {
+        windows.push(ends[ends.len() - 1].saturating_duration_since(start) / steps);
+    }
+    windows.sort();
+    windows.get(windows.len() / 2).copied().unwrap_or_default()
+}
 
 /// Times decode steps of one layer of this model (random weights stored in the types of the
 /// model's first layer) on `backend`: the node's speed in multiply-adds per second, and how
@@ -577,8 +603,9 @@ async fn self_benchmark(
     });
     node.handle(&start);
     let x: Vec<f32> = (0..h).map(|_| rng.next_f32() - 0.5).collect();
-    let mut times = Vec::with_capacity(BENCH_STEPS as usize);
+    let mut ends = Vec::with_capacity(BENCH_STEPS as usize);
     let began = Instant::now();
+    let mut timed_from = began;
     // Two warm-up steps (pipeline compilation, first-touch), then up to BENCH_STEPS - 2 timed
     // steps or 1.5 s of them.
     for i in 0..BENCH_STEPS {
@@ -594,27 +621,24 @@ async fn self_benchmark(
             node.handle(&f);
         }
         let Some(job) = node.next_job() else { break };
-        let t0 = Instant::now();
         let done = exec.submit(job).await;
-        let dt = t0.elapsed();
         if let Err(e) = &done.output {
             return Err(SessionError::Platform(format!(
                 "self-benchmark failed: {e}"
             )));
         }
         node.complete(done);
-        if i >= 2 {
-            times.push(dt);
+        let now = Instant::now();
+        match i {
+            0 => {}
+            1 => timed_from = now,
+            _ => ends.push(now),
         }
-        if began.elapsed() > Duration::from_millis(1500) && times.len() >= 3 {
+        if began.elapsed() > Duration::from_millis(1500) && ends.len() >= 3 {
             break;
         }
     }
-    // The median step: a step that lost the CPU (to another process, or to a CPU quota
-    // running out mid-step) says nothing about the device's speed, and with the mean a few
-    // such steps made equal devices differ by 3× and the plans that split by speed lopsided.
-    times.sort();
-    let median = times.get(times.len() / 2).copied().unwrap_or_default();
+    let median = typical_step(timed_from, &ends);
     let work = (h * (q + 2 * kv) + q * h + 3 * h * f) as f64;
     let speed = work / median.as_secs_f64().max(1e-9);
     let weight_factor = (exec.weight_bytes() as f64 / stored as f64).max(1.0);
@@ -1025,4 +1049,60 @@ async fn link(
 /// A boxed future that never resolves: a session without a stop signal.
 pub fn never<'a>() -> LocalBoxFuture<'a, ()> {
     future::pending().boxed_local()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Steps ending at these offsets (ms) from the start.
+    fn ends(start: Instant, ms: &[f64]) -> Vec<Instant> {
+        ms.iter()
+            .map(|m| start + Duration::from_secs_f64(m / 1e3))
+            .collect()
+    }
+
+    #[test]
+    fn a_quota_that_stops_every_other_step_halfway_is_timed_at_its_average_speed() {
+        // 0.4 ms of work per step at half a CPU in 2 ms periods (1 ms running, 1 ms stopped):
+        // steps take 0.4 ms or 1.4 ms; the median single step would say full speed.
+        let start = Instant::now();
+        let (mut t, mut ran) = (0f64, 0f64);
+        let mut offsets = Vec::new();
+        for _ in 0..100 {
+            let mut left = 0.4f64;
+            while left > 0.0 {
+                let room = (1.0 - ran).min(left);
+                (t, ran, left) = (t + room, ran + room, left - room);
+                if ran >= 1.0 - 1e-9 {
+                    (t, ran) = (t + 1.0, 0.0);
+                }
+            }
+            offsets.push(t);
+        }
+        let step = typical_step(start, &ends(start, &offsets)).as_secs_f64() * 1e3;
+        assert!(
+            (step - 0.8).abs() < 0.08,
+            "{step} ms a step, not the average 0.8"
+        );
+    }
+
+    #[test]
+    fn windows_another_process_took_do_not_count_and_slow_steps_stand_alone() {
+        let start = Instant::now();
+        // 1 ms steps, with 50 ms lost around step 30.
+        let offsets: Vec<f64> = (1..=100)
+            .map(|i| i as f64 + if i >= 30 { 50.0 } else { 0.0 })
+            .collect();
+        let step = typical_step(start, &ends(start, &offsets)).as_secs_f64() * 1e3;
+        assert!((step - 1.0).abs() < 0.05, "{step}");
+        // Steps longer than a window: the median step.
+        let offsets = [20.0, 45.0, 65.0, 200.0, 220.0];
+        let step = typical_step(start, &ends(start, &offsets)).as_secs_f64() * 1e3;
+        assert!((step - 20.0).abs() < 0.01, "{step}");
+        // Too few to fill a window: their mean.
+        let step = typical_step(start, &ends(start, &[1.0, 2.0, 3.0])).as_secs_f64() * 1e3;
+        assert!((step - 1.0).abs() < 0.01, "{step}");
+        assert_eq!(typical_step(start, &[]), Duration::ZERO);
+    }
 }

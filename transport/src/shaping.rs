@@ -3,46 +3,42 @@
 //! latency does. Benchmarks use it to emulate the links between edge devices where the kernel
 //! has no `netem` to delay packets (rate limits still come from `tc`'s token bucket).
 
-use std::collections::VecDeque;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use tokio::time::Instant;
+use tokio::sync::mpsc as async_mpsc;
 
 use crate::{BoxFuture, Inbox, LinkRx};
 
+/// Messages go to a thread of their own that holds each until it is due: a thread sleeps to
+/// within tens of microseconds, where the async runtime's timer has millisecond ticks and
+/// would make every hop up to a millisecond later than the delay it emulates.
 struct Delayed {
     inner: Inbox,
     delay: Duration,
-    held: VecDeque<(Instant, Vec<u8>)>,
-    closed: bool,
+    to_line: Option<mpsc::Sender<(Instant, Vec<u8>)>>,
+    from_line: async_mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
 impl LinkRx for Delayed {
     fn recv(&mut self) -> BoxFuture<'_, Option<Vec<u8>>> {
         Box::pin(async move {
             loop {
-                if let Some((due, _)) = self.held.front() {
-                    if *due <= Instant::now() {
-                        return self.held.pop_front().map(|(_, m)| m);
-                    }
-                }
-                if self.closed {
-                    let (due, msg) = self.held.pop_front()?;
-                    tokio::time::sleep_until(due).await;
-                    return Some(msg);
-                }
-                let wait = self.held.front().map(|(due, _)| *due);
+                let open = self.to_line.is_some();
                 tokio::select! {
-                    m = self.inner.recv() => match m {
-                        Some(m) => self.held.push_back((Instant::now() + self.delay, m)),
-                        None => self.closed = true,
-                    },
-                    _ = async {
-                        match wait {
-                            Some(due) => tokio::time::sleep_until(due).await,
-                            None => std::future::pending().await,
+                    biased;
+                    m = self.from_line.recv() => return m,
+                    m = self.inner.recv(), if open => match m {
+                        Some(m) => {
+                            let due = Instant::now() + self.delay;
+                            let line = self.to_line.as_ref().expect("open");
+                            if line.send((due, m)).is_err() {
+                                return None;
+                            }
                         }
-                    } => {}
+                        // The line delivers what it holds, then ends.
+                        None => self.to_line = None,
+                    },
                 }
             }
         })
@@ -54,11 +50,30 @@ pub fn delayed(inbox: Inbox, delay: Duration) -> Inbox {
     if delay.is_zero() {
         return inbox;
     }
+    let (to_line, line) = mpsc::channel::<(Instant, Vec<u8>)>();
+    let (out, from_line) = async_mpsc::unbounded_channel();
+    let spawned = std::thread::Builder::new()
+        .name("delay-line".into())
+        .spawn(move || {
+            for (due, m) in line {
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                if out.send(m).is_err() {
+                    return;
+                }
+            }
+        });
+    if spawned.is_err() {
+        // No thread to be had: the link arrives on time rather than not at all.
+        return inbox;
+    }
     Inbox::new(Delayed {
         inner: inbox,
         delay,
-        held: VecDeque::new(),
-        closed: false,
+        to_line: Some(to_line),
+        from_line,
     })
 }
 
