@@ -638,9 +638,9 @@ async fn self_benchmark(
             break;
         }
     }
-    let median = typical_step(timed_from, &ends);
+    let step = typical_step(timed_from, &ends);
     let work = (h * (q + 2 * kv) + q * h + 3 * h * f) as f64;
-    let speed = work / median.as_secs_f64().max(1e-9);
+    let speed = work / step.as_secs_f64().max(1e-9);
     let weight_factor = (exec.weight_bytes() as f64 / stored as f64).max(1.0);
     Ok(Profile {
         memory_budget,

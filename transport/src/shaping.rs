@@ -15,7 +15,7 @@ use crate::{BoxFuture, Inbox, LinkRx};
 /// would make every hop up to a millisecond later than the delay it emulates.
 struct Delayed {
     inner: Inbox,
-    delay: Duration,
+    /// Each message with the moment it arrived; `None` once `inner` has ended.
     to_line: Option<mpsc::Sender<(Instant, Vec<u8>)>>,
     from_line: async_mpsc::UnboundedReceiver<Vec<u8>>,
 }
@@ -28,16 +28,14 @@ impl LinkRx for Delayed {
                 tokio::select! {
                     biased;
                     m = self.from_line.recv() => return m,
-                    m = self.inner.recv(), if open => match m {
-                        Some(m) => {
-                            let due = Instant::now() + self.delay;
-                            let line = self.to_line.as_ref().expect("open");
-                            if line.send((due, m)).is_err() {
+                    m = self.inner.recv(), if open => match (m, &self.to_line) {
+                        (Some(m), Some(line)) => {
+                            if line.send((Instant::now(), m)).is_err() {
                                 return None;
                             }
                         }
                         // The line delivers what it holds, then ends.
-                        None => self.to_line = None,
+                        _ => self.to_line = None,
                     },
                 }
             }
@@ -55,8 +53,8 @@ pub fn delayed(inbox: Inbox, delay: Duration) -> Inbox {
     let spawned = std::thread::Builder::new()
         .name("delay-line".into())
         .spawn(move || {
-            for (due, m) in line {
-                let now = Instant::now();
+            for (arrived, m) in line {
+                let (due, now) = (arrived + delay, Instant::now());
                 if due > now {
                     std::thread::sleep(due - now);
                 }
@@ -71,7 +69,6 @@ pub fn delayed(inbox: Inbox, delay: Duration) -> Inbox {
     }
     Inbox::new(Delayed {
         inner: inbox,
-        delay,
         to_line: Some(to_line),
         from_line,
     })
