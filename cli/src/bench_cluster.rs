@@ -532,28 +532,43 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
         // The most this plan can scale on equal devices: one node's work per token over the
         // work of the busiest stage (the starter's includes the LM head).
         let head_work = cost.starter_work;
+        // (work, name, layers) of the busiest stage.
         let busiest = nodes
             .iter()
             .map(|node| {
                 let at = |i: usize| node["layers"][i].as_u64().unwrap_or(0) as usize;
                 let layers = cost.layer_work.get(at(0)..at(1)).unwrap_or(&[]);
-                let head = if node["role"] == "starter" {
-                    head_work
+                let starter = node["role"] == "starter";
+                let head = if starter { head_work } else { 0.0 };
+                let name = node["name"].as_str().unwrap_or("?");
+                let what = if starter {
+                    format!("{name}: layers {}..{} + the LM head", at(0), at(1))
                 } else {
-                    0.0
+                    format!("{name}: layers {}..{}", at(0), at(1))
                 };
-                layers.iter().sum::<f64>() + head
+                (layers.iter().sum::<f64>() + head, what, starter)
             })
-            .fold(0.0, f64::max);
-        if n > 1 && busiest > 0.0 {
+            .fold(
+                (0.0, String::new(), false),
+                |a, b| if b.0 > a.0 { b } else { a },
+            );
+        if n > 1 && busiest.0 > 0.0 {
             let whole = cost.layer_work.iter().sum::<f64>() + head_work;
+            let head_part = if busiest.2 {
+                format!("the head {:.0}% of it", 100.0 * head_work / busiest.0)
+            } else {
+                format!(
+                    "the starter's head is {:.0}% of one node's",
+                    100.0 * head_work / whole
+                )
+            };
             scaling.push(Row {
                 what: format!("N={n}: the plan's bound on scaling (equal devices)"),
                 on: on.clone(),
-                value: format!("{:.2}×", whole / busiest),
+                value: format!("{:.2}×", whole / busiest.0),
                 bound: format!(
-                    "one node's work ÷ the busiest stage's ({:.0}% of it the LM head)",
-                    100.0 * head_work / busiest
+                    "one node's work ÷ the busiest stage's ({}; {head_part})",
+                    busiest.1
                 ),
                 ok: None,
             });
