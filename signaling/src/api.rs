@@ -10,13 +10,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use mdi_core::SamplingParams;
 use mdi_runtime::protocol::FinishReason;
 use serde::Deserialize;
@@ -442,22 +443,75 @@ fn finish_reason(f: FinishReason, stopped: bool) -> &'static str {
     }
 }
 
+/// Most bytes of an oversized body the server reads and throws away before it answers 413.
+/// A server that answers without reading the body closes a socket with unread data in it,
+/// and the kernel's reset can reach the client before the answer does: it sees a broken
+/// connection instead of the 413. Past this, the connection is simply closed.
+const MAX_DRAIN: usize = 16 * crate::MAX_BODY;
+
+/// How long the server keeps reading an oversized body it will refuse.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A request body of at most `limit` bytes, or `None` when it is longer (the rest read and
+/// dropped, up to [`MAX_DRAIN`] bytes and [`DRAIN_TIME`]); memory stays within `limit`.
+async fn read_body(body: Body, limit: usize) -> Result<Option<Vec<u8>>, ApiError> {
+    let mut data = body.into_data_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = data.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            let mut seen = buf.len() + chunk.len();
+            drop(buf);
+            let drain = async {
+                while seen <= MAX_DRAIN {
+                    match data.next().await {
+                        Some(Ok(c)) => seen += c.len(),
+                        _ => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Some(buf))
+}
+
 /// `POST /v1/chat/completions`
-pub async fn chat_completions(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Json<ChatRequestBody>, JsonRejection>,
-) -> Response {
-    if let Err(e) = app.check_token(&headers) {
+pub async fn chat_completions(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    // The body is read (or, past the limit, drained) before any answer; see [`MAX_DRAIN`].
+    let body = read_body(body, crate::MAX_BODY).await;
+    if let Err(e) = app.check_token(&parts.headers) {
         return e.into_response();
     }
-    let req = match body {
+    let body = match body {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            return ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: format!(
+                    "the request body is longer than the limit of {} bytes",
+                    crate::MAX_BODY
+                ),
+                kind: "invalid_request_error",
+                code: None,
+            }
+            .into_response()
+        }
+        Err(e) => return e.into_response(),
+    };
+    let request = Request::from_parts(parts, Body::from(body));
+    let req = match Json::<ChatRequestBody>::from_request(request, &()).await {
         Ok(Json(ChatRequestBody(r))) => r,
         Err(e) => {
-            // 413 for a body past the limit, 400 for anything else that is not the JSON we read.
-            let status = e.status();
+            // 415 without a JSON content type, 400 for anything else that is not the JSON we
+            // read.
+            let e: JsonRejection = e;
             return ApiError {
-                status,
+                status: e.status(),
                 message: format!("bad request body: {}", e.body_text()),
                 kind: "invalid_request_error",
                 code: None,

@@ -100,8 +100,14 @@ fn bad_input_is_refused_and_the_ring_goes_on() -> Result<()> {
     };
     let (s, v) = error_of(send_raw(b"{\"messages\": [".to_vec())?)?;
     assert_eq!(s, 400, "{v}");
-    let (s, v) = error_of(send_raw(vec![b' '; 2 << 20])?)?;
-    assert_eq!(s, 413, "{v}");
+    // The answer to an oversized body reaches the client every time (the server reads the
+    // rest before it answers, so no reset overtakes the 413), with or without a token.
+    for _ in 0..4 {
+        let (s, v) = error_of(send_raw(vec![b' '; 2 << 20])?)?;
+        assert_eq!(s, 413, "{v}");
+    }
+    let (s, v) = error_of(c.post(&endpoint).body(vec![b' '; 2 << 20]).send()?)?;
+    assert_eq!(s, 401, "{v}");
     let (s, v) = error_of(send_raw(b"{\"messages\": []}".to_vec())?)?;
     assert_eq!(s, 400, "{v}");
     let (s, v) = error_of(
