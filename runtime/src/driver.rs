@@ -65,6 +65,8 @@ pub struct DriverStats {
     pub decode_frame_bytes: Option<usize>,
     /// Most jobs run as one batch so far.
     pub peak_batch: usize,
+    /// Seconds the engine spent on this driver's steps.
+    pub busy_s: f64,
     /// Messages from the previous node that could not be read or tied to a live sequence.
     pub garbage: u64,
     /// The last such message's error.
@@ -389,6 +391,7 @@ pub async fn run_node(
                 let mut s = lock(&stats);
                 s.peak_batch = s.peak_batch.max(jobs.len());
                 drop(s);
+                tracing::debug!("step of {} after {:?} idle", jobs.len(), started.elapsed());
                 started = Instant::now();
                 running = Some(exec.submit_batch(jobs));
             }
@@ -424,6 +427,10 @@ pub async fn run_node(
             Wake::Linger => linger.expired(),
             Wake::Done(batch) => {
                 linger.last_step = Some(started.elapsed());
+                let took = started.elapsed();
+                lock(&stats).busy_s += took.as_secs_f64();
+                tracing::debug!("step took {took:?}");
+                started = Instant::now();
                 let mut msgs = Vec::new();
                 for done in batch {
                     msgs.extend(node.complete(done));
@@ -538,6 +545,14 @@ pub async fn run_starter(
                 let mut s = lock(&stats);
                 s.peak_batch = s.peak_batch.max(jobs.len());
                 drop(s);
+                tracing::debug!(
+                    "step of {} ({} heads) after {:?} idle",
+                    jobs.len(),
+                    jobs.iter()
+                        .filter(|j| matches!(j.task, mdi_core::engine::Task::Head { .. }))
+                        .count(),
+                    started.elapsed()
+                );
                 started = Instant::now();
                 running = Some(exec.submit_batch(jobs));
             }
@@ -597,6 +612,10 @@ pub async fn run_starter(
             }
             Wake::Done(batch) => {
                 linger.last_step = Some(started.elapsed());
+                let took = started.elapsed();
+                lock(&stats).busy_s += took.as_secs_f64();
+                tracing::debug!("step took {took:?}");
+                started = Instant::now();
                 let mut msgs = Vec::new();
                 for d in batch {
                     msgs.extend(starter.complete(d, &mut evs));

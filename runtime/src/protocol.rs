@@ -146,6 +146,10 @@ pub struct NodeReport {
     pub queued: usize,
     /// Most sequences in flight at once so far (starter).
     pub peak_sequences: usize,
+    /// Seconds this node's engine has spent on this epoch's steps: every node runs the same
+    /// tokens, so the ratios between nodes are the ratios of their stages' real costs.
+    #[serde(default)]
+    pub busy_s: f64,
 }
 
 /// Messages a node sends to the server.

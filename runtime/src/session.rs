@@ -377,6 +377,7 @@ pub async fn run(
                         sequences: s.sequences,
                         queued: s.queued,
                         peak_sequences: s.peak_sequences,
+                        busy_s: s.busy_s,
                     }
                 };
                 send(&*tx, &ToServer::Stats(report)).await?;
@@ -865,6 +866,7 @@ async fn serve_assignment(
         sequences: 0,
         queued: 0,
         peak_sequences: 0,
+        busy_s: 0.0,
     };
     send(&**tx, &ToServer::Stats(held))
         .await
