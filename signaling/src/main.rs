@@ -78,6 +78,11 @@ struct Args {
     /// every answer bit-identical to a single node's.
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
     wire: String,
+    /// Once a ring has run a while, plan it again from its nodes' measured busy times (each
+    /// node reloads its new layers when the ring is next idle); at most twice between changes
+    /// of membership.
+    #[arg(long)]
+    rebalance: bool,
 }
 
 fn main() {
@@ -116,6 +121,7 @@ fn run(args: Args) -> Result<()> {
         } else {
             WireDtype::F16
         },
+        rebalance: args.rebalance,
     });
     let mut state = AppState::new(model, hub, args.token.clone(), args.max_tokens.max(1));
     let web = args.web.clone().unwrap_or_else(signaling::default_web_dir);

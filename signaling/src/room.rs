@@ -65,6 +65,13 @@ pub const JOIN_WAIT: Duration = Duration::from_secs(30);
 pub const MAX_RESUMES: u32 = 8;
 /// Joins within this window are planned together.
 const SETTLE: Duration = Duration::from_millis(600);
+/// A ring is rebalanced (with `rebalance` on) once its busiest stage has spent this long
+/// computing since the ring was ready: enough steps that the busy times are the stages' costs.
+pub const REBALANCE_AFTER_BUSY: Duration = Duration::from_secs(4);
+/// Rebalances between two changes of membership; each re-plans from the last ring's figures.
+pub const MAX_REBALANCES: u32 = 2;
+/// A rebalance is worth its reload when the new plan's busiest stage is this much faster.
+const REBALANCE_GAIN: f64 = 0.9;
 /// Malformed messages a member may send before it is dropped.
 pub const MAX_BAD_MESSAGES: u32 = 20;
 /// Unusable frames a ring member may send its next node (as that node reports) before it is
@@ -86,6 +93,8 @@ pub struct RoomConfig {
     pub queue_timeout: Duration,
     /// Element type of activations between nodes.
     pub wire: mdi_core::wire::WireDtype,
+    /// Re-plan a ready ring from its nodes' measured busy times (see [`Room::rebalance`]).
+    pub rebalance: bool,
 }
 
 /// What the API hears about a request.
@@ -125,6 +134,8 @@ struct Member {
     progress: (u64, u64, u64),
     bad_messages: u32,
     failure: Option<String>,
+    /// The node's busy seconds when its ring was first seen ready: (epoch, seconds).
+    busy_from: Option<(u64, f64)>,
 }
 
 impl Member {
@@ -191,6 +202,13 @@ pub struct Room {
     /// room re-forms over whoever is left.
     formed: bool,
     recovery: RecoveryView,
+    /// Speeds measured in the last ring (work per busy second), by node, for a rebalance;
+    /// cleared when members come or go (a self-benchmark's figures are in other units).
+    measured: HashMap<NodeId, f64>,
+    /// Rebalances since the members last changed.
+    rebalances: u32,
+    /// The next plan is a rebalance: it keeps `measured`.
+    rebalancing: bool,
 }
 
 impl Room {
@@ -207,6 +225,9 @@ impl Room {
             next_dispatch: 1,
             formed: false,
             recovery: RecoveryView::default(),
+            measured: HashMap::new(),
+            rebalances: 0,
+            rebalancing: false,
         }
     }
 
@@ -276,6 +297,10 @@ impl Room {
 
     fn replan(&mut self, cfg: &RoomConfig, model: &ModelFacts) {
         self.changed = None;
+        if !std::mem::take(&mut self.rebalancing) {
+            self.measured.clear();
+            self.rebalances = 0;
+        }
         // In name order: a device that reloads and rejoins (a new id, the same name) takes
         // the same place, and its cached layers still fit.
         let mut candidates: Vec<NodeId> = self
@@ -312,9 +337,18 @@ impl Room {
             }
             return;
         }
+        // Measured speeds only when every candidate has one: they are not in a self-benchmark's
+        // units.
+        let measured = candidates.iter().all(|id| self.measured.contains_key(id));
         let profiles: Vec<_> = candidates
             .iter()
-            .map(|id| self.members[id].profile.planner_profile())
+            .map(|id| {
+                let mut p = self.members[id].profile.planner_profile();
+                if let (true, Some(&s)) = (measured, self.measured.get(id)) {
+                    p.speed = s;
+                }
+                p
+            })
             .collect();
         let kv_tokens = (cfg.in_flight * cfg.reserve_positions) as u64;
         let (order, plan) = match plan_ring(&model.cost, &profiles, kv_tokens) {
@@ -386,6 +420,96 @@ impl Room {
             plan,
             ready: HashSet::new(),
         });
+    }
+
+    /// Every node of a ring runs the same tokens, so the busy seconds each has spent since the
+    /// ring was ready are the real costs of their stages: a self-benchmark of one layer, taken
+    /// while the machine did other things, can be far off, and the LM head costs more per
+    /// multiply-add than a layer when it is stored in a wider format. Once the busiest stage
+    /// has been busy [`REBALANCE_AFTER_BUSY`], each node's measured speed (its stage's work
+    /// per busy second) goes to the planner; if the new plan's busiest stage would be at
+    /// least 10% faster, the ring is planned again (when idle, as for a join). At most
+    /// [`MAX_REBALANCES`] times between changes of membership.
+    fn rebalance(&mut self, cfg: &RoomConfig, model: &ModelFacts) {
+        if self.changed.is_some() || self.rebalances >= MAX_REBALANCES || !self.is_ready() {
+            return;
+        }
+        let Some(ring) = &self.ring else { return };
+        let n = ring.order.len();
+        let everyone_in_it = self
+            .members
+            .iter()
+            .all(|(id, m)| m.state == MemberState::Failed || ring.order.contains(id));
+        if n < 2 || !everyone_in_it {
+            return;
+        }
+        // (busy seconds, multiply-adds per token) of each stage.
+        let mut stages = Vec::with_capacity(n);
+        for (i, (id, a)) in ring.order.iter().zip(&ring.plan.nodes).enumerate() {
+            let m = &self.members[id];
+            let Some((e, from)) = m.busy_from else { return };
+            if e != ring.epoch || m.report.epoch != ring.epoch {
+                return;
+            }
+            let layers = model.cost.layer_work.get(a.layers.clone()).unwrap_or(&[]);
+            let mut work: f64 = layers.iter().sum();
+            if i == 0 {
+                work += model.cost.starter_work;
+            }
+            stages.push(((m.report.busy_s - from).max(0.0), work));
+        }
+        let busiest = stages.iter().map(|s| s.0).fold(0.0, f64::max);
+        if busiest < REBALANCE_AFTER_BUSY.as_secs_f64() || stages.iter().any(|s| s.0 <= 0.0) {
+            return;
+        }
+        let measured: HashMap<NodeId, f64> = ring
+            .order
+            .iter()
+            .zip(&stages)
+            .map(|(&id, &(busy, work))| (id, work / busy))
+            .collect();
+        let profiles: Vec<_> = ring
+            .order
+            .iter()
+            .map(|id| {
+                let mut p = self.members[id].profile.planner_profile();
+                p.speed = measured[id];
+                p
+            })
+            .collect();
+        let kv_tokens = (cfg.in_flight * cfg.reserve_positions) as u64;
+        // Seconds per token in the measured units: the busiest stage's busy time now.
+        let Ok((_, plan)) = plan_ring(&model.cost, &profiles, kv_tokens) else {
+            return;
+        };
+        self.rebalances += 1;
+        let summary = ring
+            .order
+            .iter()
+            .zip(&stages)
+            .map(|(id, (busy, _))| format!("{} {busy:.1} s", self.members[id].name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if plan.bottleneck > REBALANCE_GAIN * busiest {
+            tracing::info!(
+                "room `{}` epoch {}: stages busy {summary}; a new plan would gain too little",
+                self.name,
+                ring.epoch
+            );
+            // Measured once: the same ring stays; the next membership change measures again.
+            self.rebalances = MAX_REBALANCES;
+            return;
+        }
+        tracing::info!(
+            "room `{}` epoch {}: stages busy {summary}; planning again from these speeds \
+             (busiest stage {:.0}% of now)",
+            self.name,
+            ring.epoch,
+            100.0 * plan.bottleneck / busiest
+        );
+        self.measured = measured;
+        self.rebalancing = true;
+        self.changed = Some(Instant::now() - SETTLE);
     }
 
     /// Sends waiting requests to a ready starter; fails those waiting too long.
@@ -493,6 +617,8 @@ pub struct RingView {
     pub model: String,
     pub nodes: Vec<NodeView>,
     pub sequences: SequencesView,
+    /// Times the ring was planned again from measured busy times since members last changed.
+    pub rebalances: u32,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -556,8 +682,10 @@ impl Hub {
                 progress: (0, 0, 0),
                 bad_messages: 0,
                 failure: None,
+                busy_from: None,
             },
         );
+        r.rebalancing = false;
         r.retry_failed();
         r.changed = Some(Instant::now());
         id
@@ -573,6 +701,7 @@ impl Hub {
             return;
         };
         tracing::info!("room `{room}`: node {id} `{}` left: {why}", m.name);
+        r.rebalancing = false;
         r.retry_failed();
         let in_ring = r.ring.as_ref().is_some_and(|g| g.order.contains(&id));
         if in_ring {
@@ -638,7 +767,15 @@ impl Hub {
                     message: "already joined".into(),
                 });
             }
-            ToServer::Stats(report) => m.report = report,
+            ToServer::Stats(report) => {
+                let ready_epoch = r.ring.as_ref().filter(|g| g.ready.len() == g.order.len());
+                if let Some(g) = ready_epoch.filter(|g| g.epoch == report.epoch) {
+                    if m.busy_from.is_none_or(|(e, _)| e != g.epoch) {
+                        m.busy_from = Some((g.epoch, report.busy_s));
+                    }
+                }
+                m.report = report;
+            }
             ToServer::Progress {
                 epoch: e,
                 done,
@@ -825,6 +962,9 @@ impl Hub {
             let Some(r) = self.rooms.get_mut(&name) else {
                 continue;
             };
+            if cfg.rebalance {
+                r.rebalance(&cfg, model);
+            }
             if let Some(t) = r.changed {
                 // Joins wait for the ring to be idle, so running requests are not paused;
                 // under steady traffic, not forever: the requests resume on the new ring.
@@ -852,6 +992,7 @@ impl Hub {
                 model: model.id.clone(),
                 nodes: Vec::new(),
                 sequences: SequencesView::default(),
+                rebalances: 0,
             };
         };
         let position = |id: NodeId| {
@@ -913,6 +1054,7 @@ impl Hub {
                 requests_waiting: r.pending.len(),
                 recovery: r.recovery,
             },
+            rebalances: r.rebalances,
         }
     }
 }
@@ -952,6 +1094,7 @@ mod tests {
             max_queued: 8,
             queue_timeout: Duration::from_secs(60),
             wire: mdi_core::wire::WireDtype::F16,
+            rebalance: false,
         };
         let mut hub = Hub::new(cfg);
         let (a_tx, mut a_rx) = mpsc::unbounded_channel();
@@ -1301,6 +1444,7 @@ mod tests {
             max_queued: 8,
             queue_timeout: Duration::from_secs(60),
             wire: mdi_core::wire::WireDtype::F16,
+            rebalance: false,
         };
         (model, Hub::new(cfg))
     }
@@ -1408,5 +1552,152 @@ mod tests {
         for id in [ids[0], ids[2], b2] {
             assert!(ring.order.contains(&id), "node {id} is in {:?}", ring.order);
         }
+    }
+}
+
+#[cfg(test)]
+mod rebalance_tests {
+    use super::*;
+
+    fn model() -> ModelFacts {
+        ModelFacts {
+            id: "tiny".into(),
+            cost: ModelCost {
+                layer_weight_bytes: vec![100; 12],
+                kv_bytes_per_token: 8,
+                layer_work: vec![1.0; 12],
+                starter_weight_bytes: 50,
+                starter_work: 2.0,
+            },
+            context: 64,
+        }
+    }
+
+    fn profile() -> Profile {
+        Profile {
+            memory_budget: 1 << 30,
+            backend: "cpu".into(),
+            adapter: "test".into(),
+            speed: 1e9,
+            weight_factor: 1.0,
+        }
+    }
+
+    /// The layers each node of room `r` was last assigned, by name.
+    fn assignments(
+        hub: &Hub,
+        rxs: &mut [(String, mpsc::UnboundedReceiver<ToNode>)],
+    ) -> Vec<(String, [usize; 2])> {
+        let mut out = Vec::new();
+        for (name, rx) in rxs.iter_mut() {
+            let mut last = None;
+            while let Ok(m) = rx.try_recv() {
+                if let ToNode::Assign(a) = m {
+                    last = Some(a.layers);
+                }
+            }
+            if let Some(l) = last {
+                out.push((name.clone(), l));
+            }
+        }
+        assert!(hub.rooms["r"].ring.is_some());
+        out
+    }
+
+    fn report(hub: &mut Hub, id: NodeId, model: &ModelFacts, busy_s: f64) {
+        let epoch = hub.rooms["r"].epoch;
+        let r = NodeReport {
+            epoch,
+            busy_s,
+            ..NodeReport::default()
+        };
+        hub.handle("r", id, ToServer::Stats(r), model);
+    }
+
+    fn ready(hub: &mut Hub, ids: &[NodeId], model: &ModelFacts) {
+        let epoch = hub.rooms["r"].epoch;
+        for &id in ids {
+            hub.handle("r", id, ToServer::Ready { epoch }, model);
+        }
+        assert!(hub.rooms["r"].is_ready());
+    }
+
+    #[test]
+    fn a_ring_is_planned_again_from_measured_busy_times_and_then_left_alone() {
+        let model = model();
+        let mut hub = Hub::new(RoomConfig {
+            min_nodes: 2,
+            in_flight: 2,
+            reserve_positions: 16,
+            max_queued: 8,
+            queue_timeout: Duration::from_secs(60),
+            wire: mdi_core::wire::WireDtype::F16,
+            rebalance: true,
+        });
+        let mut rxs = Vec::new();
+        let mut ids = Vec::new();
+        for name in ["a", "b"] {
+            let (tx, rx) = mpsc::unbounded_channel();
+            ids.push(hub.join("r", name.into(), NodeKind::Native, profile(), tx));
+            rxs.push((name.to_string(), rx));
+        }
+        hub.rooms.get_mut("r").unwrap().changed = Some(Instant::now() - SETTLE);
+        hub.tick(&model);
+        // Equal self-benchmarks: 14 units of work split 7 / 7 (the starter's 2 are its head).
+        let first = assignments(&hub, &mut rxs);
+        assert_eq!(
+            first,
+            vec![("a".to_string(), [0, 5]), ("b".to_string(), [5, 12])]
+        );
+        ready(&mut hub, &ids, &model);
+        let epoch = hub.rooms["r"].epoch;
+
+        // Too little busy time yet: nothing happens.
+        report(&mut hub, ids[0], &model, 1.0);
+        report(&mut hub, ids[1], &model, 1.0);
+        report(&mut hub, ids[0], &model, 2.0);
+        report(&mut hub, ids[1], &model, 3.0);
+        hub.tick(&model);
+        assert_eq!(hub.rooms["r"].epoch, epoch);
+
+        // The starter is really twice as fast per unit of work as b: a's 7 units took 3.5 s,
+        // b's 7 took 7 s. Planned again, b gets about a third of the work.
+        report(&mut hub, ids[0], &model, 4.5);
+        report(&mut hub, ids[1], &model, 8.0);
+        hub.tick(&model);
+        assert_eq!(
+            hub.rooms["r"].epoch, epoch,
+            "planned at the next tick, as a join"
+        );
+        hub.tick(&model);
+        assert_eq!(hub.rooms["r"].epoch, epoch + 1, "planned again");
+        let second = assignments(&hub, &mut rxs);
+        assert_eq!(
+            second,
+            vec![("a".to_string(), [0, 7]), ("b".to_string(), [7, 12])]
+        );
+        assert_eq!(hub.view("r", &model, &|_| 0).rebalances, 1);
+
+        // The new ring runs evenly: no gain in another plan, and none is made, even later.
+        ready(&mut hub, &ids, &model);
+        report(&mut hub, ids[0], &model, 0.0);
+        report(&mut hub, ids[1], &model, 0.0);
+        report(&mut hub, ids[0], &model, 5.0);
+        report(&mut hub, ids[1], &model, 5.2);
+        hub.tick(&model);
+        report(&mut hub, ids[0], &model, 50.0);
+        report(&mut hub, ids[1], &model, 10.0);
+        hub.tick(&model);
+        assert_eq!(hub.rooms["r"].epoch, epoch + 1, "left alone");
+
+        // A member joins: the measured speeds are forgotten and the self-benchmarks plan.
+        let (tx, rx) = mpsc::unbounded_channel();
+        hub.join("r", "c".into(), NodeKind::Native, profile(), tx);
+        rxs.push(("c".to_string(), rx));
+        hub.rooms.get_mut("r").unwrap().changed = Some(Instant::now() - SETTLE);
+        hub.tick(&model);
+        assert_eq!(hub.rooms["r"].epoch, epoch + 2);
+        assert_eq!(hub.view("r", &model, &|_| 0).rebalances, 0);
+        assert!(hub.rooms["r"].measured.is_empty());
     }
 }

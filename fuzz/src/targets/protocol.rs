@@ -94,6 +94,7 @@ fn seed_messages() -> Vec<String> {
             sequences: 1,
             queued: 0,
             peak_sequences: 2,
+            busy_s: 3.5,
         }),
         ToServer::Tokens {
             request: 1,
@@ -188,6 +189,7 @@ impl Target for ProtocolTarget {
             max_queued: 4,
             queue_timeout: Duration::from_secs(60),
             wire: mdi_core::wire::WireDtype::F16,
+            rebalance: true,
         });
         let mut members = Vec::new();
         for name in ["a", "b", "c"] {
