@@ -90,7 +90,7 @@ impl Cluster {
 
     /// Where a process of this run writes its log (kept after the run, for a failed one).
     fn log(&self, what: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("mdi-cluster-{what}.log"))
+        std::env::temp_dir().join(format!("mdi-cluster-{}-{what}.log", &self.tag[..3]))
     }
 
     fn node_ns(&self, i: usize) -> String {
@@ -257,25 +257,28 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// The server for a ring of `n` nodes and `in_flight` sequences; returns its URL.
+    /// The server for a ring of `n` nodes and `in_flight` sequences (with `rebalance`, planned
+    /// again from the nodes' measured busy times); returns its URL.
     fn start_server(
         &mut self,
         signaling: &Path,
         model: &str,
         n: usize,
         in_flight: usize,
+        rebalance: bool,
     ) -> Result<String> {
-        self.spawn_server(
-            signaling,
-            &[
-                "--model".into(),
-                model.into(),
-                "--min-nodes".into(),
-                n.to_string(),
-                "--in-flight".into(),
-                in_flight.to_string(),
-            ],
-        )
+        let mut args = vec![
+            "--model".to_string(),
+            model.into(),
+            "--min-nodes".into(),
+            n.to_string(),
+            "--in-flight".into(),
+            in_flight.to_string(),
+        ];
+        if rebalance {
+            args.push("--rebalance".into());
+        }
+        self.spawn_server(signaling, &args)
     }
 
     /// `mdi node` arguments: engine, memory budget and, without netem, the links' delay.
@@ -361,6 +364,36 @@ fn wait_ready(url: &str, n: usize, ready: bool, stop: &AtomicBool) -> Result<Val
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// Runs S = 2N streams until the server stops planning the ring again from its nodes'
+/// measured busy times (a self-benchmark of one layer, on a shared machine, can be far
+/// off; the LM head costs more per multiply-add than a layer), and returns the ready ring.
+fn calibrate(url: &str, n: usize, max_tokens: usize, stop: &AtomicBool) -> Result<Value> {
+    let client = reqwest::blocking::Client::new();
+    let mut ring = get_ring(&client, url)?;
+    for _ in 0..3 {
+        let epoch = ring["epoch"].as_u64();
+        load(url, 2 * n, max_tokens)?;
+        // The server plans again at its next tick once the ring is idle.
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = get_ring(&client, url)?;
+        if now["epoch"].as_u64() == epoch {
+            return Ok(now);
+        }
+        ring = wait_ready(url, n, true, stop)?;
+        eprintln!(
+            "N={n}: planned again from measured busy times: {}",
+            ring["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| format!("{} {}..{}", x["name"], x["layers"][0], x["layers"][1]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(ring)
 }
 
 /// Each node's peak (RSS, KV) bytes over a run, by name.
@@ -460,7 +493,7 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                     b.delay_ms, b.rate_mbit
                 )
             };
-            let url = c.start_server(&signaling, &model, n, 2 * n)?;
+            let url = c.start_server(&signaling, &model, n, 2 * n, true)?;
             let node_args = c.node_args(b, "4G");
             for i in 1..=n {
                 c.spawn_node(i, &mdi, &url, &node_args, b.cpu, None)?;
@@ -472,8 +505,11 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
             }
             let (sw, u, t, st) = (c.switch(), url.clone(), b.max_tokens, stop.clone());
             let (ring, runs, peaks) = in_netns(&sw, move || {
-                let ring0 = wait_ready(&u, n, true, &st)?;
+                let mut ring0 = wait_ready(&u, n, true, &st)?;
                 stream_one(&u, "Hello.", 4)?; // warm-up
+                if n > 1 {
+                    ring0 = calibrate(&u, n, t, &st)?;
+                }
                 let ((one, two), peaks) =
                     with_peaks(&u, || Ok((load(&u, n, t)?, load(&u, 2 * n, t)?)))?;
                 std::thread::sleep(Duration::from_millis(1500)); // a heartbeat with final figures
@@ -613,7 +649,7 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
         }
         let tag = format!("mdm{}", std::process::id() % 100_000);
         let mut c = Cluster::build(tag, n, b.delay_ms, b.rate_mbit)?;
-        let url = c.start_server(&signaling, &model, n, 2)?;
+        let url = c.start_server(&signaling, &model, n, 2, false)?;
         let node_args = c.node_args(b, &budget.to_string());
         for i in 1..=n {
             c.spawn_node(i, &mdi, &url, &node_args, b.cpu, Some(limit))?;
