@@ -286,6 +286,16 @@ impl Linger {
     }
 }
 
+/// A step that began at `started` is done: its time goes to the linger and the busy seconds,
+/// and `started` now marks the start of the idle time before the next step.
+fn step_done(linger: &mut Linger, started: &mut Instant, stats: &SharedStats) {
+    let took = started.elapsed();
+    linger.last_step = Some(took);
+    lock(stats).busy_s += took.as_secs_f64();
+    tracing::debug!("step took {took:?}");
+    *started = Instant::now();
+}
+
 async fn linger_or_pending(timer: &mut Option<LocalBoxFuture<'static, ()>>) {
     match timer.as_mut() {
         Some(t) => t.await,
@@ -426,11 +436,7 @@ pub async fn run_node(
         match wake {
             Wake::Linger => linger.expired(),
             Wake::Done(batch) => {
-                linger.last_step = Some(started.elapsed());
-                let took = started.elapsed();
-                lock(&stats).busy_s += took.as_secs_f64();
-                tracing::debug!("step took {took:?}");
-                started = Instant::now();
+                step_done(&mut linger, &mut started, &stats);
                 let mut msgs = Vec::new();
                 for done in batch {
                     msgs.extend(node.complete(done));
@@ -611,11 +617,7 @@ pub async fn run_starter(
                 Vec::new()
             }
             Wake::Done(batch) => {
-                linger.last_step = Some(started.elapsed());
-                let took = started.elapsed();
-                lock(&stats).busy_s += took.as_secs_f64();
-                tracing::debug!("step took {took:?}");
-                started = Instant::now();
+                step_done(&mut linger, &mut started, &stats);
                 let mut msgs = Vec::new();
                 for d in batch {
                     msgs.extend(starter.complete(d, &mut evs));

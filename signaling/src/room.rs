@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use mdi_core::plan::{plan_ring, ModelCost, Plan};
+use mdi_core::plan::{plan_ring, ModelCost, NodeProfile, Plan};
 use mdi_core::SamplingParams;
 use mdi_runtime::protocol::{
     Assignment, FinishReason, NodeId, NodeKind, NodeReport, Profile, ToNode, ToServer,
@@ -95,6 +95,13 @@ pub struct RoomConfig {
     pub wire: mdi_core::wire::WireDtype,
     /// Re-plan a ready ring from its nodes' measured busy times (see [`Room::rebalance`]).
     pub rebalance: bool,
+}
+
+impl RoomConfig {
+    /// KV positions a plan reserves on every node: sequences in flight × positions each.
+    fn kv_tokens(&self) -> u64 {
+        (self.in_flight * self.reserve_positions) as u64
+    }
 }
 
 /// What the API hears about a request.
@@ -340,18 +347,8 @@ impl Room {
         // Measured speeds only when every candidate has one: they are not in a self-benchmark's
         // units.
         let measured = candidates.iter().all(|id| self.measured.contains_key(id));
-        let profiles: Vec<_> = candidates
-            .iter()
-            .map(|id| {
-                let mut p = self.members[id].profile.planner_profile();
-                if let (true, Some(&s)) = (measured, self.measured.get(id)) {
-                    p.speed = s;
-                }
-                p
-            })
-            .collect();
-        let kv_tokens = (cfg.in_flight * cfg.reserve_positions) as u64;
-        let (order, plan) = match plan_ring(&model.cost, &profiles, kv_tokens) {
+        let profiles = self.planner_profiles(&candidates, measured.then_some(&self.measured));
+        let (order, plan) = match plan_ring(&model.cost, &profiles, cfg.kv_tokens()) {
             Ok(p) => p,
             Err(e) => {
                 self.status = format!("the ring cannot hold the model: {e}");
@@ -422,6 +419,23 @@ impl Room {
         });
     }
 
+    /// The planner's view of members `ids`, with the speeds in `speeds` where given.
+    fn planner_profiles(
+        &self,
+        ids: &[NodeId],
+        speeds: Option<&HashMap<NodeId, f64>>,
+    ) -> Vec<NodeProfile> {
+        ids.iter()
+            .map(|id| {
+                let mut p = self.members[id].profile.planner_profile();
+                if let Some(&s) = speeds.and_then(|m| m.get(id)) {
+                    p.speed = s;
+                }
+                p
+            })
+            .collect()
+    }
+
     /// Every node of a ring runs the same tokens, so the busy seconds each has spent since the
     /// ring was ready are the real costs of their stages: a self-benchmark of one layer, taken
     /// while the machine did other things, can be far off, and the LM head costs more per
@@ -468,18 +482,9 @@ impl Room {
             .zip(&stages)
             .map(|(&id, &(busy, work))| (id, work / busy))
             .collect();
-        let profiles: Vec<_> = ring
-            .order
-            .iter()
-            .map(|id| {
-                let mut p = self.members[id].profile.planner_profile();
-                p.speed = measured[id];
-                p
-            })
-            .collect();
-        let kv_tokens = (cfg.in_flight * cfg.reserve_positions) as u64;
+        let profiles = self.planner_profiles(&ring.order, Some(&measured));
         // Seconds per token in the measured units: the busiest stage's busy time now.
-        let Ok((_, plan)) = plan_ring(&model.cost, &profiles, kv_tokens) else {
+        let Ok((_, plan)) = plan_ring(&model.cost, &profiles, cfg.kv_tokens()) else {
             return;
         };
         self.rebalances += 1;
@@ -1063,6 +1068,19 @@ impl Hub {
 mod tests {
     use super::*;
 
+    /// A room configuration for tests: rings of at least `min_nodes`, `in_flight` sequences.
+    fn config(min_nodes: usize, in_flight: usize) -> RoomConfig {
+        RoomConfig {
+            min_nodes,
+            in_flight,
+            reserve_positions: 16,
+            max_queued: 8,
+            queue_timeout: Duration::from_secs(60),
+            wire: mdi_core::wire::WireDtype::F16,
+            rebalance: false,
+        }
+    }
+
     fn profile(budget: u64) -> Profile {
         Profile {
             memory_budget: budget,
@@ -1087,15 +1105,7 @@ mod tests {
             context: 64,
         };
         let none = |_| 0;
-        let cfg = RoomConfig {
-            min_nodes: 2,
-            in_flight: 4,
-            reserve_positions: 16,
-            max_queued: 8,
-            queue_timeout: Duration::from_secs(60),
-            wire: mdi_core::wire::WireDtype::F16,
-            rebalance: false,
-        };
+        let cfg = config(2, 4);
         let mut hub = Hub::new(cfg);
         let (a_tx, mut a_rx) = mpsc::unbounded_channel();
         let (b_tx, mut b_rx) = mpsc::unbounded_channel();
@@ -1437,16 +1447,7 @@ mod tests {
             },
             context: 64,
         };
-        let cfg = RoomConfig {
-            min_nodes: 3,
-            in_flight: 2,
-            reserve_positions: 16,
-            max_queued: 8,
-            queue_timeout: Duration::from_secs(60),
-            wire: mdi_core::wire::WireDtype::F16,
-            rebalance: false,
-        };
-        (model, Hub::new(cfg))
+        (model, Hub::new(config(3, 2)))
     }
 
     #[test]
@@ -1553,13 +1554,9 @@ mod tests {
             assert!(ring.order.contains(&id), "node {id} is in {:?}", ring.order);
         }
     }
-}
 
-#[cfg(test)]
-mod rebalance_tests {
-    use super::*;
-
-    fn model() -> ModelFacts {
+    /// Twelve layers, and an LM head worth two of them.
+    fn twelve_layer_model() -> ModelFacts {
         ModelFacts {
             id: "tiny".into(),
             cost: ModelCost {
@@ -1570,16 +1567,6 @@ mod rebalance_tests {
                 starter_work: 2.0,
             },
             context: 64,
-        }
-    }
-
-    fn profile() -> Profile {
-        Profile {
-            memory_budget: 1 << 30,
-            backend: "cpu".into(),
-            adapter: "test".into(),
-            speed: 1e9,
-            weight_factor: 1.0,
         }
     }
 
@@ -1614,31 +1601,18 @@ mod rebalance_tests {
         hub.handle("r", id, ToServer::Stats(r), model);
     }
 
-    fn ready(hub: &mut Hub, ids: &[NodeId], model: &ModelFacts) {
-        let epoch = hub.rooms["r"].epoch;
-        for &id in ids {
-            hub.handle("r", id, ToServer::Ready { epoch }, model);
-        }
-        assert!(hub.rooms["r"].is_ready());
-    }
-
     #[test]
     fn a_ring_is_planned_again_from_measured_busy_times_and_then_left_alone() {
-        let model = model();
+        let model = twelve_layer_model();
         let mut hub = Hub::new(RoomConfig {
-            min_nodes: 2,
-            in_flight: 2,
-            reserve_positions: 16,
-            max_queued: 8,
-            queue_timeout: Duration::from_secs(60),
-            wire: mdi_core::wire::WireDtype::F16,
             rebalance: true,
+            ..config(2, 2)
         });
         let mut rxs = Vec::new();
         let mut ids = Vec::new();
         for name in ["a", "b"] {
             let (tx, rx) = mpsc::unbounded_channel();
-            ids.push(hub.join("r", name.into(), NodeKind::Native, profile(), tx));
+            ids.push(hub.join("r", name.into(), NodeKind::Native, profile(1 << 30), tx));
             rxs.push((name.to_string(), rx));
         }
         hub.rooms.get_mut("r").unwrap().changed = Some(Instant::now() - SETTLE);
@@ -1649,7 +1623,8 @@ mod rebalance_tests {
             first,
             vec![("a".to_string(), [0, 5]), ("b".to_string(), [5, 12])]
         );
-        ready(&mut hub, &ids, &model);
+        all_ready(&mut hub, &model);
+        assert!(hub.rooms["r"].is_ready());
         let epoch = hub.rooms["r"].epoch;
 
         // Too little busy time yet: nothing happens.
@@ -1679,7 +1654,8 @@ mod rebalance_tests {
         assert_eq!(hub.view("r", &model, &|_| 0).rebalances, 1);
 
         // The new ring runs evenly: no gain in another plan, and none is made, even later.
-        ready(&mut hub, &ids, &model);
+        all_ready(&mut hub, &model);
+        assert!(hub.rooms["r"].is_ready());
         report(&mut hub, ids[0], &model, 0.0);
         report(&mut hub, ids[1], &model, 0.0);
         report(&mut hub, ids[0], &model, 5.0);
@@ -1692,7 +1668,7 @@ mod rebalance_tests {
 
         // A member joins: the measured speeds are forgotten and the self-benchmarks plan.
         let (tx, rx) = mpsc::unbounded_channel();
-        hub.join("r", "c".into(), NodeKind::Native, profile(), tx);
+        hub.join("r", "c".into(), NodeKind::Native, profile(1 << 30), tx);
         rxs.push(("c".to_string(), rx));
         hub.rooms.get_mut("r").unwrap().changed = Some(Instant::now() - SETTLE);
         hub.tick(&model);
