@@ -543,6 +543,12 @@ mod threaded {
                             }
                         }
                     }
+                    // A re-planned node builds its next stage while this thread may still be
+                    // finishing a step: free this stage's weights and caches here, then hand
+                    // the pages back, or the process would keep them as free heap.
+                    drop(caches);
+                    drop(engine);
+                    crate::native::release_freed_memory();
                 });
             if let Err(e) = spawned {
                 tracing::error!("cannot start a compute thread: {e}");

@@ -545,7 +545,7 @@ pub fn run_node_blocking(
 
 /// Returns freed heap pages to the system (glibc keeps them otherwise, and the process's
 /// resident memory would count a download that is long gone).
-fn release_freed_memory() {
+pub(crate) fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks glibc's own free lists.
     unsafe {
