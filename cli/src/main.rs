@@ -130,6 +130,9 @@ struct NodeArgs {
     /// Keep no downloaded layers on disk.
     #[arg(long, conflicts_with = "cache_dir")]
     no_cache: bool,
+    /// Disk space the kept layers may take, e.g. 500M or 8G; the least recently used go first.
+    #[arg(long, default_value = "4G", conflicts_with = "no_cache")]
+    cache_max: String,
     /// Emulate a slower network: hold every incoming message this long (benchmarks).
     #[arg(long, default_value_t = 0.0, hide = true)]
     link_delay_ms: f64,
@@ -553,6 +556,8 @@ fn run_node(args: NodeArgs) -> Result<()> {
     let native = mdi_runtime::native::NativeOptions {
         cpu_threads: args.threads,
         fingerprint: args.fingerprint,
+        cache_max: mdi_runtime::platform::parse_bytes(&args.cache_max)
+            .map_err(|e| anyhow::anyhow!("--cache-max: {e}"))?,
         cache_dir: (!args.no_cache).then(|| {
             args.cache_dir
                 .unwrap_or_else(|| mdi::fetch::cache_dir().join("pieces"))

@@ -43,7 +43,12 @@ pub struct NativePlatform {
     cpu_threads: usize,
     /// Where downloaded tensors are kept for later assignments, if anywhere.
     cache_dir: Option<PathBuf>,
+    /// Bytes the cache directory may hold; the least recently used entries go first.
+    cache_max: u64,
 }
+
+/// What the tensor cache of a node may hold on disk when not told otherwise.
+pub const DEFAULT_CACHE_MAX: u64 = 4 << 30;
 
 /// What a native node adds to [`NodeOptions`](crate::session::NodeOptions).
 #[derive(Debug, Clone, Default)]
@@ -55,6 +60,9 @@ pub struct NativeOptions {
     /// Keep downloaded tensors here, so a new plan (after a node leaves, or a restart) takes
     /// the byte ranges this machine already has from disk instead of the server.
     pub cache_dir: Option<PathBuf>,
+    /// Bytes `cache_dir` may hold (0: [`DEFAULT_CACHE_MAX`]); the least recently used entries
+    /// are deleted to stay under it.
+    pub cache_max: u64,
 }
 
 impl NativePlatform {
@@ -93,12 +101,15 @@ impl NativePlatform {
             loopback,
             cpu_threads: 0,
             cache_dir: None,
+            cache_max: DEFAULT_CACHE_MAX,
         })
     }
 
-    /// Keep downloaded tensors in `dir` (made when first needed).
-    pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
+    /// Keep downloaded tensors in `dir` (made when first needed), at most `max` bytes of them
+    /// (0: [`DEFAULT_CACHE_MAX`]).
+    pub fn with_cache_dir(mut self, dir: Option<PathBuf>, max: u64) -> Self {
         self.cache_dir = dir;
+        self.cache_max = if max == 0 { DEFAULT_CACHE_MAX } else { max };
         self
     }
 
@@ -439,18 +450,32 @@ impl Platform for NativePlatform {
     fn cache_get(&self, key: String) -> LocalBoxFuture<'_, Option<Vec<u8>>> {
         let path = self.cache_path(&key);
         Box::pin(async move {
+            let path = path?;
             // The caller checks the length; a damaged entry is downloaded again.
-            tokio::fs::read(path?).await.ok()
+            let bytes = tokio::fs::read(&path).await.ok()?;
+            // Used now: the entry moves to the back of the eviction order.
+            let _ = tokio::task::spawn_blocking(move || {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+            })
+            .await;
+            Some(bytes)
         })
     }
 
     fn cache_put(&self, key: String, bytes: Vec<u8>) -> LocalBoxFuture<'_, ()> {
         let path = self.cache_path(&key);
         let dir = self.cache_dir.clone();
+        let max = self.cache_max;
         Box::pin(async move {
             let (Some(path), Some(dir)) = (path, dir) else {
                 return;
             };
+            if bytes.len() as u64 > max {
+                return;
+            }
             // Written aside and renamed: another node on this machine, or a crash, never sees
             // half an entry.
             let tmp = path.with_extension(format!("part{}", std::process::id()));
@@ -462,6 +487,11 @@ impl Platform for NativePlatform {
             if let Err(e) = stored.await {
                 tracing::warn!("cannot keep a downloaded tensor in {}: {e}", dir.display());
                 let _ = tokio::fs::remove_file(&tmp).await;
+                return;
+            }
+            let evicted = tokio::task::spawn_blocking(move || evict(&dir, max, &path)).await;
+            if let Ok(Err(e)) = evicted {
+                tracing::warn!("cannot trim the tensor cache: {e}");
             }
         })
     }
@@ -480,6 +510,45 @@ impl NativePlatform {
             mdi_cpu::Kernels::best().isa()
         )
     }
+}
+
+/// Deletes the least recently used entries of the tensor cache `dir` until its entries take
+/// at most `max` bytes, never `keep` (the entry just written). Entries are the files named by
+/// [`NativePlatform::cache_path`] (64 hex digits); anything else in the folder, such as another
+/// node's half-written entry, is left alone. Returns the bytes deleted.
+fn evict(dir: &std::path::Path, max: u64, keep: &std::path::Path) -> std::io::Result<u64> {
+    let mut entries = Vec::new();
+    let mut total = 0u64;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        let is_entry = name
+            .to_str()
+            .is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()));
+        let Ok(meta) = e.metadata() else { continue };
+        if !is_entry || !meta.is_file() {
+            continue;
+        }
+        total += meta.len();
+        let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+        entries.push((used, meta.len(), e.path()));
+    }
+    entries.sort();
+    let mut deleted = 0;
+    for (_, len, path) in entries {
+        if total <= max {
+            break;
+        }
+        if path == keep {
+            continue;
+        }
+        // Another node on this machine may have deleted it first.
+        if std::fs::remove_file(&path).is_ok() {
+            deleted += len;
+        }
+        total -= len;
+    }
+    Ok(deleted)
 }
 
 /// Resident memory of this process (Linux: `VmRSS` of `/proc/self/status`).
@@ -535,7 +604,7 @@ pub fn run_node_blocking(
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let platform = NativePlatform::new(&opts.server, native.fingerprint.as_deref())?
         .with_cpu_threads(native.cpu_threads)
-        .with_cache_dir(native.cache_dir);
+        .with_cache_dir(native.cache_dir, native.cache_max);
     rt.block_on(async move {
         crate::session::run(&platform, opts, status, Box::pin(stop))
             .await
@@ -550,5 +619,92 @@ pub(crate) fn release_freed_memory() {
     // SAFETY: malloc_trim only walks glibc's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn temp_dir(what: &str) -> PathBuf {
+        let nanos = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("mdi-{what}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Five 100-byte entries, the i-th used i minutes after the first; returns their paths.
+    fn entries(dir: &std::path::Path) -> Vec<PathBuf> {
+        let t0 = SystemTime::now() - Duration::from_secs(3600);
+        (0..5)
+            .map(|i| {
+                let path = dir.join(format!("{i:064x}"));
+                std::fs::write(&path, [i as u8; 100]).unwrap();
+                let f = std::fs::File::options().write(true).open(&path).unwrap();
+                f.set_modified(t0 + Duration::from_secs(60 * i)).unwrap();
+                path
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_tensor_cache_drops_its_least_recently_used_entries_to_stay_under_its_bound() {
+        let dir = temp_dir("evict");
+        let e = entries(&dir);
+        // Not entries: another node's half-written one, and a stranger's file.
+        std::fs::write(dir.join(format!("{:064x}.part77", 9)), [0u8; 1000]).unwrap();
+        std::fs::write(dir.join("notes.txt"), [0u8; 1000]).unwrap();
+
+        assert_eq!(evict(&dir, 250, &e[4]).unwrap(), 300);
+        let left: Vec<bool> = e.iter().map(|p| p.exists()).collect();
+        assert_eq!(left, [false, false, false, true, true]);
+        assert!(dir.join(format!("{:064x}.part77", 9)).exists());
+        assert!(dir.join("notes.txt").exists());
+
+        // Under the bound: nothing goes.
+        assert_eq!(evict(&dir, 250, &e[4]).unwrap(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // The entry just written stays even when it is the oldest.
+        let dir = temp_dir("evict-keep");
+        let e = entries(&dir);
+        assert_eq!(evict(&dir, 250, &e[0]).unwrap(), 300);
+        let left: Vec<bool> = e.iter().map(|p| p.exists()).collect();
+        assert_eq!(left, [true, false, false, false, true]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cache_hit_counts_as_a_use_and_an_entry_over_the_bound_is_not_kept() {
+        let dir = temp_dir("cache");
+        let platform = NativePlatform::new("http://127.0.0.1:9", None)
+            .unwrap()
+            .with_cache_dir(Some(dir.clone()), 250);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            platform.cache_put("a".into(), vec![1; 100]).await;
+            platform.cache_put("b".into(), vec![2; 100]).await;
+            // Older than b's, then used again: b is now the least recently used.
+            let a = platform.cache_path("a").unwrap();
+            let f = std::fs::File::options().write(true).open(&a).unwrap();
+            f.set_modified(SystemTime::now() - Duration::from_secs(3600))
+                .unwrap();
+            assert_eq!(platform.cache_get("a".into()).await, Some(vec![1; 100]));
+            platform.cache_put("c".into(), vec![3; 100]).await;
+            assert_eq!(platform.cache_get("b".into()).await, None);
+            assert_eq!(platform.cache_get("a".into()).await, Some(vec![1; 100]));
+            assert_eq!(platform.cache_get("c".into()).await, Some(vec![3; 100]));
+            // Larger than the whole cache: not written, nothing else evicted for it.
+            platform.cache_put("d".into(), vec![4; 300]).await;
+            assert_eq!(platform.cache_get("d".into()).await, None);
+            assert_eq!(platform.cache_get("c".into()).await, Some(vec![3; 100]));
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

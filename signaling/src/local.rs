@@ -58,6 +58,7 @@ pub fn start(
                     fingerprint,
                     // Nodes of this process share the server's file; nothing to keep.
                     cache_dir: None,
+                    cache_max: 0,
                 };
                 if let Err(e) = run_node_blocking(
                     opts,
