@@ -1039,10 +1039,13 @@ async fn link(
     let (l, back) = next_link?;
     let (back_tx, inbox) = prev_link?;
     #[cfg(not(target_family = "wasm"))]
-    let (back, inbox) = (
-        mdi_transport::shaping::delayed(back, ctx.opts.link_delay),
-        mdi_transport::shaping::delayed(inbox, ctx.opts.link_delay),
-    );
+    let (back, inbox) = {
+        let delayed = |i| {
+            mdi_transport::shaping::delayed(i, ctx.opts.link_delay)
+                .map_err(|e| format!("cannot start a thread to delay the links: {e}"))
+        };
+        (delayed(back)?, delayed(inbox)?)
+    };
     hops.next = Some((l, back));
     hops.prev = Some((inbox, back_tx));
     Ok(hops)

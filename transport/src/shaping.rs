@@ -43,14 +43,16 @@ impl LinkRx for Delayed {
     }
 }
 
-/// `inbox` with every message delivered `delay` after it arrived (order kept).
-pub fn delayed(inbox: Inbox, delay: Duration) -> Inbox {
+/// `inbox` with every message delivered `delay` after it arrived (order kept). Fails only
+/// when no thread can be started for the line: a link that silently arrived on time would
+/// make a benchmark report a network it did not emulate.
+pub fn delayed(inbox: Inbox, delay: Duration) -> std::io::Result<Inbox> {
     if delay.is_zero() {
-        return inbox;
+        return Ok(inbox);
     }
     let (to_line, line) = mpsc::channel::<(Instant, Vec<u8>)>();
     let (out, from_line) = async_mpsc::unbounded_channel();
-    let spawned = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("delay-line".into())
         .spawn(move || {
             for (arrived, m) in line {
@@ -62,16 +64,12 @@ pub fn delayed(inbox: Inbox, delay: Duration) -> Inbox {
                     return;
                 }
             }
-        });
-    if spawned.is_err() {
-        // No thread to be had: the link arrives on time rather than not at all.
-        return inbox;
-    }
-    Inbox::new(Delayed {
+        })?;
+    Ok(Inbox::new(Delayed {
         inner: inbox,
         to_line: Some(to_line),
         from_line,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -81,7 +79,7 @@ mod tests {
     #[tokio::test]
     async fn messages_arrive_late_in_order_and_pipelined() {
         let (link, inbox) = crate::in_process::link(&Default::default(), "t");
-        let mut late = delayed(inbox, Duration::from_millis(50));
+        let mut late = delayed(inbox, Duration::from_millis(50)).unwrap();
         let start = Instant::now();
         for i in 0..20u8 {
             link.send(vec![i]).await.unwrap();
