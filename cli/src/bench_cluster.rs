@@ -426,6 +426,40 @@ fn with_peaks<T: Send>(url: &str, f: impl FnOnce() -> Result<T> + Send) -> Resul
     Ok((out, peaks))
 }
 
+/// Each node's share of a run's wall time that its engine spent computing, by name.
+type Busy = HashMap<String, f64>;
+
+fn busy_seconds(ring: &Value) -> HashMap<String, f64> {
+    ring["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| Some((n["name"].as_str()?.to_string(), n["busy_s"].as_f64()?)))
+        .collect()
+}
+
+/// [`load`], and how busy each node was over it: the busy seconds the nodes report in their
+/// heartbeats (every half second; one after the run has the final figure), over the run's
+/// wall time.
+fn load_busy(url: &str, s: usize, max_tokens: usize) -> Result<((f64, f64, u64), Busy)> {
+    let client = reqwest::blocking::Client::new();
+    let before = busy_seconds(&get_ring(&client, url)?);
+    let t0 = Instant::now();
+    let run = load(url, s, max_tokens)?;
+    let wall = t0.elapsed().as_secs_f64().max(1e-9);
+    std::thread::sleep(Duration::from_millis(1200));
+    let after = busy_seconds(&get_ring(&client, url)?);
+    let busy = after
+        .into_iter()
+        .filter_map(|(name, b)| {
+            // A node whose epoch changed during the run started counting again: no figure.
+            let d = b - before.get(&name)?;
+            (d >= 0.0).then(|| (name, (d / wall).min(1.0)))
+        })
+        .collect();
+    Ok((run, busy))
+}
+
 /// How a memory-capped ring ended: the server's status, and (served) tok/s and each node's RSS.
 type Outcome = (String, Option<(f64, Vec<u64>)>);
 
@@ -476,7 +510,7 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
     // Each round measures every N once; a configuration keeps its best figures over the
     // rounds. A shared machine's speed drifts over minutes, so N = 1 and N = 4 measured
     // minutes apart once can compare different machines; rounds interleave them.
-    type Measured = (String, Value, [(f64, f64, u64); 2], Peaks);
+    type Measured = (String, Value, [(f64, f64, u64); 2], Peaks, [Busy; 2]);
     let mut best: Vec<Option<Measured>> = vec![None; b.max_nodes + 1];
     for _round in 0..b.rounds.max(1) {
         for (n, kept) in best.iter_mut().enumerate().skip(1) {
@@ -504,38 +538,41 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                 in_netns(&sw, move || wait_ready(&u, i, false, &st))?;
             }
             let (sw, u, t, st) = (c.switch(), url.clone(), b.max_tokens, stop.clone());
-            let (ring, runs, peaks) = in_netns(&sw, move || {
+            let (ring, runs, peaks, busy) = in_netns(&sw, move || {
                 let mut ring0 = wait_ready(&u, n, true, &st)?;
                 stream_one(&u, "Hello.", 4)?; // warm-up
                 if n > 1 {
                     ring0 = calibrate(&u, n, t, &st)?;
                 }
                 let ((one, two), peaks) =
-                    with_peaks(&u, || Ok((load(&u, n, t)?, load(&u, 2 * n, t)?)))?;
+                    with_peaks(&u, || Ok((load_busy(&u, n, t)?, load_busy(&u, 2 * n, t)?)))?;
                 std::thread::sleep(Duration::from_millis(1500)); // a heartbeat with final figures
                 let client = reqwest::blocking::Client::new();
                 let ring = get_ring(&client, &u).unwrap_or(ring0);
-                Ok((ring, [one, two], peaks))
+                Ok((ring, [one.0, two.0], peaks, [one.1, two.1]))
             })?;
             let on = format!("{n} × ({} CPU, {delay_note})", b.cpu);
             drop(c);
             match kept {
                 Some(m) => {
                     // The best run of each S; the ring and memory of the round best at S = N.
+                    let [busy_one, busy_two] = busy;
                     if runs[0].0 > m.2[0].0 {
                         (m.1, m.3) = (ring, peaks);
                         m.2[0] = runs[0];
+                        m.4[0] = busy_one;
                     }
                     if runs[1].0 > m.2[1].0 {
                         m.2[1] = runs[1];
+                        m.4[1] = busy_two;
                     }
                 }
-                slot => *slot = Some((on, ring, runs, peaks)),
+                slot => *slot = Some((on, ring, runs, peaks, busy)),
             }
         }
     }
     for (n, m) in best.into_iter().enumerate() {
-        let Some((on, ring, runs, peaks)) = m else {
+        let Some((on, ring, runs, peaks, busy)) = m else {
             continue;
         };
         for (k, (tok_s, ttft, tokens)) in runs.iter().enumerate() {
@@ -619,19 +656,25 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
             let kv = peak_kv.max(node["kv_bytes"].as_u64().unwrap_or(0));
             let bound = share + kv + 40_000_000;
             let rtt = node["rtt_ms"].as_f64();
+            let busy = busy.each_ref().map(|b| {
+                b.get(name)
+                    .map_or("–".to_string(), |f| format!("{:.0}%", 100.0 * f))
+            });
             scaling.push(Row {
                 what: format!(
-                    "N={n}: {} layers {}..{}: peak RSS (hop latency; speed)",
+                    "N={n}: {} layers {}..{}: peak RSS (hop latency; speed; busy at S=N, 2N)",
                     node["name"].as_str().unwrap_or("?"),
                     node["layers"][0],
                     node["layers"][1]
                 ),
                 on: on.clone(),
                 value: format!(
-                    "{} ({}; {:.1} GMAC/s)",
+                    "{} ({}; {:.1} GMAC/s; {}, {})",
                     mb(rss),
                     rtt.map_or("–".into(), |r| format!("{:.1} ms", r / 2.0)),
-                    node["speed_gmacs"].as_f64().unwrap_or(0.0)
+                    node["speed_gmacs"].as_f64().unwrap_or(0.0),
+                    busy[0],
+                    busy[1]
                 ),
                 bound: format!("≤ share {} + peak KV {} + 40 MB", mb(share), mb(kv)),
                 ok: Some(rss > 0 && rss <= bound),

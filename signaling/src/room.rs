@@ -609,6 +609,8 @@ pub struct NodeView {
     /// Bytes of the assignment done, in all, and found in the node's own cache.
     pub download: [u64; 3],
     pub speed_gmacs: f64,
+    /// Seconds the node's engine has spent on this epoch's steps, as it reports them.
+    pub busy_s: f64,
     pub failure: Option<String>,
 }
 
@@ -1037,6 +1039,7 @@ impl Hub {
                     downloaded_bytes: served(id),
                     download: [m.progress.0, m.progress.1, m.progress.2],
                     speed_gmacs: m.profile.speed / 1e9,
+                    busy_s: m.report.busy_s,
                     failure: m.failure.clone(),
                 };
                 (at.map_or(usize::MAX, |(i, _)| i), view)
