@@ -597,6 +597,7 @@ pub fn run_node_blocking(
     status: crate::session::StatusSink,
     stop: impl std::future::Future<Output = ()> + 'static,
 ) -> Result<(), String> {
+    large_allocations_mapped();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -610,6 +611,19 @@ pub fn run_node_blocking(
             .await
             .map_err(|e| e.to_string())
     })
+}
+
+/// Allocations from 256 KiB up (weight tensors, downloaded pieces, KV caches) get pages of
+/// their own, handed back to the system when freed. glibc otherwise raises this threshold
+/// each time such a block is freed, after which a re-planned node's old share and
+/// downloads land in the heap and can stay resident there (the cluster bench saw a starter
+/// re-planned to fewer layers hold 15 MB more than one planned so from the start).
+fn large_allocations_mapped() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of glibc's allocator; any value is valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
 }
 
 /// Returns freed heap pages to the system (glibc keeps them otherwise, and the process's
