@@ -460,6 +460,21 @@ fn load_busy(url: &str, s: usize, max_tokens: usize) -> Result<((f64, f64, u64),
     Ok((run, busy))
 }
 
+/// One ring size's figures, the best over the rounds.
+#[derive(Clone)]
+struct Measured {
+    /// What the nodes are (the table's "on" column).
+    on: String,
+    /// The ring view after the round best at S = N.
+    ring: Value,
+    /// (tok/s, TTFT p50 ms, tokens) at S = N and S = 2N.
+    runs: [(f64, f64, u64); 2],
+    /// Peak RSS and KV per node over the round best at S = N.
+    peaks: Peaks,
+    /// How busy each node was in the best run of each S.
+    busy: [Busy; 2],
+}
+
 /// How a memory-capped ring ended: the server's status, and (served) tok/s and each node's RSS.
 type Outcome = (String, Option<(f64, Vec<u64>)>);
 
@@ -510,7 +525,6 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
     // Each round measures every N once; a configuration keeps its best figures over the
     // rounds. A shared machine's speed drifts over minutes, so N = 1 and N = 4 measured
     // minutes apart once can compare different machines; rounds interleave them.
-    type Measured = (String, Value, [(f64, f64, u64); 2], Peaks, [Busy; 2]);
     let mut best: Vec<Option<Measured>> = vec![None; b.max_nodes + 1];
     for _round in 0..b.rounds.max(1) {
         for (n, kept) in best.iter_mut().enumerate().skip(1) {
@@ -544,9 +558,10 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                 if n > 1 {
                     ring0 = calibrate(&u, n, t, &st)?;
                 }
+                // `load_busy` waits for a heartbeat after each run: the ring view below has
+                // the final figures.
                 let ((one, two), peaks) =
                     with_peaks(&u, || Ok((load_busy(&u, n, t)?, load_busy(&u, 2 * n, t)?)))?;
-                std::thread::sleep(Duration::from_millis(1500)); // a heartbeat with final figures
                 let client = reqwest::blocking::Client::new();
                 let ring = get_ring(&client, &u).unwrap_or(ring0);
                 Ok((ring, [one.0, two.0], peaks, [one.1, two.1]))
@@ -557,22 +572,37 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                 Some(m) => {
                     // The best run of each S; the ring and memory of the round best at S = N.
                     let [busy_one, busy_two] = busy;
-                    if runs[0].0 > m.2[0].0 {
-                        (m.1, m.3) = (ring, peaks);
-                        m.2[0] = runs[0];
-                        m.4[0] = busy_one;
+                    if runs[0].0 > m.runs[0].0 {
+                        (m.ring, m.peaks) = (ring, peaks);
+                        m.runs[0] = runs[0];
+                        m.busy[0] = busy_one;
                     }
-                    if runs[1].0 > m.2[1].0 {
-                        m.2[1] = runs[1];
-                        m.4[1] = busy_two;
+                    if runs[1].0 > m.runs[1].0 {
+                        m.runs[1] = runs[1];
+                        m.busy[1] = busy_two;
                     }
                 }
-                slot => *slot = Some((on, ring, runs, peaks, busy)),
+                slot => {
+                    *slot = Some(Measured {
+                        on,
+                        ring,
+                        runs,
+                        peaks,
+                        busy,
+                    })
+                }
             }
         }
     }
     for (n, m) in best.into_iter().enumerate() {
-        let Some((on, ring, runs, peaks, busy)) = m else {
+        let Some(Measured {
+            on,
+            ring,
+            runs,
+            peaks,
+            busy,
+        }) = m
+        else {
             continue;
         };
         for (k, (tok_s, ttft, tokens)) in runs.iter().enumerate() {

@@ -45,6 +45,9 @@ pub struct NativePlatform {
     cache_dir: Option<PathBuf>,
     /// Bytes the cache directory may hold; the least recently used entries go first.
     cache_max: u64,
+    /// Bytes its entries took at the last look, plus what this process wrote since: the
+    /// folder is scanned again only when this passes `cache_max` (or before the first put).
+    cache_used: std::sync::Mutex<Option<u64>>,
 }
 
 /// What the tensor cache of a node may hold on disk when not told otherwise.
@@ -102,6 +105,7 @@ impl NativePlatform {
             cpu_threads: 0,
             cache_dir: None,
             cache_max: DEFAULT_CACHE_MAX,
+            cache_used: std::sync::Mutex::new(None),
         })
     }
 
@@ -451,17 +455,23 @@ impl Platform for NativePlatform {
         let path = self.cache_path(&key);
         Box::pin(async move {
             let path = path?;
-            // The caller checks the length; a damaged entry is downloaded again.
-            let bytes = tokio::fs::read(&path).await.ok()?;
-            // Used now: the entry moves to the back of the eviction order.
-            let _ = tokio::task::spawn_blocking(move || {
-                std::fs::File::options()
+            tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                let mut f = std::fs::File::options()
+                    .read(true)
                     .write(true)
-                    .open(&path)
-                    .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                    .open(path)
+                    .ok()?;
+                // The caller checks the length; a damaged entry is downloaded again.
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes).ok()?;
+                // Used now: the entry moves to the back of the eviction order.
+                let _ = f.set_modified(std::time::SystemTime::now());
+                Some(bytes)
             })
-            .await;
-            Some(bytes)
+            .await
+            .ok()
+            .flatten()
         })
     }
 
@@ -489,9 +499,18 @@ impl Platform for NativePlatform {
                 let _ = tokio::fs::remove_file(&tmp).await;
                 return;
             }
-            let evicted = tokio::task::spawn_blocking(move || evict(&dir, max, &path)).await;
-            if let Ok(Err(e)) = evicted {
-                tracing::warn!("cannot trim the tensor cache: {e}");
+            let used = {
+                let mut used = lock(&self.cache_used);
+                *used = used.map(|u| u + bytes.len() as u64);
+                *used
+            };
+            if used.is_some_and(|u| u <= max) {
+                return;
+            }
+            match tokio::task::spawn_blocking(move || evict(&dir, max, &path)).await {
+                Ok(Ok((_, left))) => *lock(&self.cache_used) = Some(left),
+                Ok(Err(e)) => tracing::warn!("cannot trim the tensor cache: {e}"),
+                Err(_) => {}
             }
         })
     }
@@ -515,8 +534,8 @@ impl NativePlatform {
 /// Deletes the least recently used entries of the tensor cache `dir` until its entries take
 /// at most `max` bytes, never `keep` (the entry just written). Entries are the files named by
 /// [`NativePlatform::cache_path`] (64 hex digits); anything else in the folder, such as another
-/// node's half-written entry, is left alone. Returns the bytes deleted.
-fn evict(dir: &std::path::Path, max: u64, keep: &std::path::Path) -> std::io::Result<u64> {
+/// node's half-written entry, is left alone. Returns the bytes deleted and the bytes left.
+fn evict(dir: &std::path::Path, max: u64, keep: &std::path::Path) -> std::io::Result<(u64, u64)> {
     let mut entries = Vec::new();
     let mut total = 0u64;
     for e in std::fs::read_dir(dir)? {
@@ -548,7 +567,11 @@ fn evict(dir: &std::path::Path, max: u64, keep: &std::path::Path) -> std::io::Re
         }
         total -= len;
     }
-    Ok(deleted)
+    Ok((deleted, total))
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Resident memory of this process (Linux: `VmRSS` of `/proc/self/status`).
@@ -672,20 +695,20 @@ mod tests {
         std::fs::write(dir.join(format!("{:064x}.part77", 9)), [0u8; 1000]).unwrap();
         std::fs::write(dir.join("notes.txt"), [0u8; 1000]).unwrap();
 
-        assert_eq!(evict(&dir, 250, &e[4]).unwrap(), 300);
+        assert_eq!(evict(&dir, 250, &e[4]).unwrap().0, 300);
         let left: Vec<bool> = e.iter().map(|p| p.exists()).collect();
         assert_eq!(left, [false, false, false, true, true]);
         assert!(dir.join(format!("{:064x}.part77", 9)).exists());
         assert!(dir.join("notes.txt").exists());
 
         // Under the bound: nothing goes.
-        assert_eq!(evict(&dir, 250, &e[4]).unwrap(), 0);
+        assert_eq!(evict(&dir, 250, &e[4]).unwrap().0, 0);
         std::fs::remove_dir_all(&dir).unwrap();
 
         // The entry just written stays even when it is the oldest.
         let dir = temp_dir("evict-keep");
         let e = entries(&dir);
-        assert_eq!(evict(&dir, 250, &e[0]).unwrap(), 300);
+        assert_eq!(evict(&dir, 250, &e[0]).unwrap().0, 300);
         let left: Vec<bool> = e.iter().map(|p| p.exists()).collect();
         assert_eq!(left, [true, false, false, false, true]);
         std::fs::remove_dir_all(&dir).unwrap();
