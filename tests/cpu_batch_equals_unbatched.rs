@@ -4,8 +4,9 @@
 //! get the logits and hidden states they get alone (relative L2 ≤ 1e-5) and the same greedy
 //! tokens; a sequence with a bad input or a full cache gets its own error without disturbing
 //! the rest. On the default model, four chat prompts decoded as one batch give exactly the
-//! greedy tokens each gets alone. A cache or position mixed up between sequences, or rows of
-//! one sequence attending to another's, fails here.
+//! greedy tokens each gets alone, and rows run through the head together get the head each
+//! gets alone. A cache or position mixed up between sequences, or rows of one sequence
+//! attending to another's, fails here.
 
 use anyhow::{bail, ensure, Result};
 use mdi_core::engine::BatchItem;
@@ -185,6 +186,80 @@ fn a_bad_item_gets_its_own_error_and_the_rest_run() -> Result<()> {
         Err(e) => bail!("the valid item failed: {e}"),
     }
     ensure!(cpu.cache_len(&full) == 0 && cpu.cache_len(&bad) == 0 && cpu.cache_len(&ok) == 2);
+    Ok(())
+}
+
+/// The head on several rows at once (tokens that came back around the ring together) gives
+/// each row what the head gives it alone, and the engine matches the oracle there; a row of
+/// the wrong length gets its own error, and a stage without the head an error for every row.
+#[test]
+fn batched_heads_give_each_row_its_own_head() -> Result<()> {
+    for (dtype, seed) in [(DType::Q4_1, 41), (DType::Q8_0, 42), (DType::F16, 43)] {
+        let tiny = TinyModel::random(Shape::default(), seed);
+        let (store, config) = (tiny.gguf_store(dtype), tiny.gguf_config(dtype));
+        let spec = StageSpec::whole(&config);
+        let mut cpu = CpuEngine::new(
+            config.clone(),
+            StageWeights::load(&store, &config, &spec)?,
+            2,
+        )?;
+        let oracle =
+            mdi_core::Oracle::new(config.clone(), StageWeights::load(&store, &config, &spec)?)?;
+        let mut rng = Rng::new(seed);
+        let rows: Vec<Vec<f32>> = (0..5)
+            .map(|i| {
+                // Row 3 is one value short.
+                let n = if i == 3 {
+                    config.hidden - 1
+                } else {
+                    config.hidden
+                };
+                (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect()
+            })
+            .collect();
+        let wants = [
+            Want::Logits,
+            Want::Argmax,
+            Want::Logits,
+            Want::Logits,
+            Want::Argmax,
+        ];
+        let items: Vec<(&[f32], Want)> = rows.iter().map(|r| &r[..]).zip(wants).collect();
+        let got = cpu.head_batch(&items);
+        ensure!(got.len() == rows.len(), "one output per row");
+        for (i, (g, (row, want))) in got.into_iter().zip(&items).enumerate() {
+            let what = format!("{dtype} head row {i}");
+            if i == 3 {
+                ensure!(matches!(g, Err(Error::Input(_))), "{what}: {g:?}");
+                continue;
+            }
+            let g = g?;
+            same(&what, &g, &cpu.head(row, *want)?)?;
+            // And the oracle's logits, within the engine's tolerance.
+            if let (StageOutput::Logits(a), StageOutput::Logits(b)) =
+                (&g, &oracle.head(row, Want::Logits)?)
+            {
+                let e = rel_l2(a, b);
+                ensure!(e <= 1e-3, "{what}: relative L2 {e:e} against the oracle");
+            }
+        }
+        // A stage without the head: every row gets the error.
+        let partial = StageSpec {
+            layers: 0..config.n_layers,
+            embed: true,
+            head: false,
+        };
+        let mut body = CpuEngine::new(
+            config.clone(),
+            StageWeights::load(&store, &config, &partial)?,
+            1,
+        )?;
+        let out = body.head_batch(&items[..2]);
+        ensure!(
+            out.len() == 2 && out.iter().all(|o| matches!(o, Err(Error::Input(_)))),
+            "{out:?}"
+        );
+    }
     Ok(())
 }
 

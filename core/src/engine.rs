@@ -73,6 +73,16 @@ pub trait StageEngine {
     /// a token's activations come back around the ring.
     fn head(&mut self, hidden: &[f32], want: Want) -> Result<StageOutput>;
 
+    /// The head on several sequences' hidden rows at once (when several tokens come back
+    /// around the ring together); outputs in the same order, each what [`head`](Self::head)
+    /// would return for it, a bad row's error its own. Engines that can read the head matrix
+    /// once for all rows override this.
+    fn head_batch(&mut self, rows: &[(&[f32], Want)]) -> Vec<Result<StageOutput>> {
+        rows.iter()
+            .map(|(hidden, want)| self.head(hidden, *want))
+            .collect()
+    }
+
     /// Several sequences' next tokens at once, each with its own cache and position; outputs
     /// in the same order, each exactly what [`forward`](Self::forward) would return for it.
     /// Engines that can read each weight once for the whole batch override this.

@@ -533,14 +533,18 @@ impl CpuEngine {
         per.clamp(1, w.rows().max(1))
     }
 
+    fn no_head(&self) -> Error {
+        Error::Input(format!(
+            "stage {:?} does not hold the head",
+            self.spec.layers
+        ))
+    }
+
     /// Final norm + LM head on rows (m, hidden): logits (m, vocab).
     fn head_rows(&self, hidden: &[f32]) -> Result<Vec<f32>> {
         let c = &self.config;
         let (Some(norm), Some(head)) = (&self.output_norm, self.head_matrix()) else {
-            return Err(Error::Input(format!(
-                "stage {:?} does not hold the head",
-                self.spec.layers
-            )));
+            return Err(self.no_head());
         };
         let m = hidden.len() / c.hidden;
         let mut normed = vec![0f32; hidden.len()]; // (m, hidden)
@@ -643,6 +647,49 @@ impl StageEngine for CpuEngine {
             Want::Argmax => StageOutput::Token(argmax(&logits)),
             _ => StageOutput::Logits(logits),
         })
+    }
+
+    /// All valid rows through the final norm and the head matrix together: the matrix (the
+    /// largest of the model) is read once for every sequence whose token came back.
+    fn head_batch(&mut self, rows: &[(&[f32], Want)]) -> Vec<Result<StageOutput>> {
+        let h = self.config.hidden;
+        let mut results: Vec<Option<Result<StageOutput>>> = rows
+            .iter()
+            .map(|(hidden, _)| {
+                (hidden.len() != h).then(|| {
+                    Err(Error::Input(format!(
+                        "head input has {} values, expected one row of {h}",
+                        hidden.len()
+                    )))
+                })
+            })
+            .collect();
+        let valid: Vec<usize> = (0..rows.len()).filter(|&i| results[i].is_none()).collect();
+        if !valid.is_empty() {
+            let mut x = Vec::with_capacity(valid.len() * h); // (valid, hidden)
+            for &i in &valid {
+                x.extend_from_slice(rows[i].0);
+            }
+            match self.pool.install(|| self.head_rows(&x)) {
+                Ok(logits) => {
+                    for (&i, l) in valid.iter().zip(logits.chunks_exact(self.config.vocab)) {
+                        results[i] = Some(Ok(match rows[i].1 {
+                            Want::Argmax => StageOutput::Token(argmax(l)),
+                            _ => StageOutput::Logits(l.to_vec()),
+                        }));
+                    }
+                }
+                Err(_) => {
+                    for &i in &valid {
+                        results[i] = Some(Err(self.no_head()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Engine("no output".into()))))
+            .collect()
     }
 
     /// All sequences' rows go through each weight matrix together; a sequence whose input is

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::LocalBoxFuture;
 use mdi_core::engine::{CacheSlot, Done, Job, Task};
-use mdi_core::{Error, StageEngine};
+use mdi_core::{Error, StageEngine, Want};
 use mdi_transport::{MaybeSend, MaybeSync};
 
 /// Frees a cache when its handle is dropped.
@@ -165,7 +165,7 @@ impl<C> Caches<C> {
 
 impl<C> Caches<C> {
     /// Runs `jobs` as one batch through [`StageEngine::forward_batch`] (forward jobs) and
-    /// [`StageEngine::head`] (head jobs); results in the order of `jobs`.
+    /// [`StageEngine::head_batch`] (head jobs); results in the order of `jobs`.
     fn run_batch<E: StageEngine<Cache = C> + ?Sized>(
         &mut self,
         engine: &mut E,
@@ -175,16 +175,12 @@ impl<C> Caches<C> {
         let mut out: Vec<Option<RuntimeDone>> = (0..jobs.len()).map(|_| None).collect();
         // (index, seq, handle, cache taken out of the map, input, want)
         let mut forwards = Vec::new();
+        // (index, seq, hidden row, want): run through the head together.
+        let mut heads = Vec::new();
         for (i, job) in jobs.into_iter().enumerate() {
             let seq = job.seq;
             match job.task {
-                Task::Head { hidden, want } => {
-                    out[i] = Some(Done {
-                        seq,
-                        cache: None,
-                        output: engine.head(&hidden, want),
-                    })
-                }
+                Task::Head { hidden, want } => heads.push((i, seq, hidden, want)),
                 Task::Forward { cache, input, want } => {
                     let (handle, c) = match cache {
                         CacheSlot::Lent(h) => match self.map.remove(&h.id) {
@@ -218,6 +214,20 @@ impl<C> Caches<C> {
                     };
                     forwards.push((i, seq, handle, c, input, want));
                 }
+            }
+        }
+        if !heads.is_empty() {
+            let rows: Vec<(&[f32], Want)> = heads
+                .iter()
+                .map(|(_, _, hidden, want)| (&hidden[..], *want))
+                .collect();
+            let results = engine.head_batch(&rows);
+            for ((i, seq, _, _), output) in heads.iter().zip(results) {
+                out[*i] = Some(Done {
+                    seq: *seq,
+                    cache: None,
+                    output,
+                });
             }
         }
         if !forwards.is_empty() {
