@@ -209,6 +209,13 @@ async fn run_or_pending(job: &mut Running) -> Vec<RuntimeDone> {
 /// into that as easily as into batches. So a stage holding fewer ready sequences than its
 /// share waits, at most half a step (and [`MAX_LINGER`]), for the rest: once a batch has
 /// formed its sequences travel on together, and the wait is not needed again.
+///
+/// A stage also runs no more than its share at once. Sequences that reach it together (all
+/// requests arriving at one moment, or two batches caught up in a queue) would otherwise run
+/// as one batch and then travel the ring as one clump, with one stage busy and the others
+/// waiting for it; a share at a time, they spread into N batches that keep every stage
+/// busy, and the prompts of many requests arriving together are prefilled in a pipeline
+/// rather than by each stage in turn.
 pub struct Batching<'a> {
     stages: usize,
     sleep: Box<dyn Fn(Duration) -> LocalBoxFuture<'static, ()> + 'a>,
@@ -232,6 +239,16 @@ impl<'a> Batching<'a> {
     /// Runs whatever is ready, never waiting.
     pub fn greedy() -> Self {
         Self::new(usize::MAX, |_| Box::pin(futures::future::pending()))
+    }
+
+    /// The most sequences to run in one step, with `here` in flight at this stage: its share
+    /// (all that are ready when batching greedily).
+    fn share(&self, here: usize, max_batch: usize) -> usize {
+        let max_batch = max_batch.max(1);
+        if self.stages == usize::MAX {
+            return max_batch;
+        }
+        here.div_ceil(self.stages).clamp(1, max_batch)
     }
 }
 
@@ -263,7 +280,10 @@ impl Linger {
         if ready == 0 {
             return false;
         }
-        let want = here.div_ceil(b.stages).clamp(1, max_batch.max(1));
+        if b.stages == usize::MAX {
+            return true;
+        }
+        let want = b.share(here, max_batch);
         let step = self.last_step.map(|s| (s / 2).min(MAX_LINGER));
         match (step, &self.state) {
             (Some(wait), LingerState::Idle) if ready < want && !wait.is_zero() => {
@@ -396,7 +416,7 @@ pub async fn run_node(
         {
             // Several sequences ready at once (S > N) run as one batch: each weight is read
             // once for all of them.
-            let jobs = node.next_jobs(exec.max_batch());
+            let jobs = node.next_jobs(batching.share(st.sequences, exec.max_batch()));
             if !jobs.is_empty() {
                 let mut s = lock(&stats);
                 s.peak_batch = s.peak_batch.max(jobs.len());
@@ -546,7 +566,7 @@ pub async fn run_starter(
                 exec.max_batch(),
             )
         {
-            let jobs = starter.next_jobs(exec.max_batch());
+            let jobs = starter.next_jobs(batching.share(starter.in_flight(), exec.max_batch()));
             if !jobs.is_empty() {
                 let mut s = lock(&stats);
                 s.peak_batch = s.peak_batch.max(jobs.len());
@@ -720,6 +740,25 @@ mod tests {
         let mut g = Linger::new();
         g.last_step = Some(Duration::from_millis(10));
         assert!(g.run_now(&Batching::greedy(), 1, 64, 8));
+    }
+
+    #[test]
+    fn a_step_runs_at_most_its_share_of_the_sequences() {
+        let b = Batching::new(4, |_| Box::pin(futures::future::pending()));
+        // 8 sequences over 4 stages: 2 a step (8 arriving together become 4 batches).
+        assert_eq!(b.share(8, 8), 2);
+        assert_eq!(b.share(9, 8), 3);
+        // Fewer sequences than stages: one at a time; many: the engine's limit.
+        assert_eq!(b.share(3, 8), 1);
+        assert_eq!(b.share(0, 8), 1);
+        assert_eq!(b.share(64, 8), 8);
+        assert_eq!(b.share(64, 0), 1);
+        // One stage: everything in flight; greedy: all that is ready, up to the limit.
+        assert_eq!(
+            Batching::new(1, |_| Box::pin(futures::future::pending())).share(6, 8),
+            6
+        );
+        assert_eq!(Batching::greedy().share(1, 8), 8);
     }
 
     impl Exec for NoJobs {
