@@ -85,10 +85,15 @@ impl ModelCost {
         )
     }
 
+    /// Multiply-adds per token of one layer's matrices (Q, K, V, output, gate, up, down): the
+    /// unit of every speed the planner compares, here and in a node's self-benchmark.
+    pub fn layer_macs(c: &Config) -> f64 {
+        (c.hidden * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * c.hidden + 3 * c.hidden * c.ffn)
+            as f64
+    }
+
     fn with_weights(c: &Config, layer_weight_bytes: Vec<u64>, starter_weight_bytes: u64) -> Self {
-        let per_layer = (c.hidden * (c.q_dim() + 2 * c.kv_dim())
-            + c.q_dim() * c.hidden
-            + 3 * c.hidden * c.ffn) as f64;
+        let per_layer = Self::layer_macs(c);
         Self {
             layer_work: vec![per_layer; c.n_layers],
             layer_weight_bytes,

@@ -640,8 +640,8 @@ async fn self_benchmark(
         }
     }
     let step = typical_step(timed_from, &ends);
-    let work = (h * (q + 2 * kv) + q * h + 3 * h * f) as f64;
-    let speed = work / step.as_secs_f64().max(1e-9);
+    // In the planner's units: one layer's multiply-adds per token.
+    let speed = mdi_core::plan::ModelCost::layer_macs(c) / step.as_secs_f64().max(1e-9);
     let weight_factor = (exec.weight_bytes() as f64 / stored as f64).max(1.0);
     Ok(Profile {
         memory_budget,
