@@ -414,8 +414,8 @@ pub async fn run_node(
         let st = node.stats();
         if running.is_none() && linger.run_now(&batching, st.queued, st.sequences, exec.max_batch())
         {
-            // Several sequences ready at once (S > N) run as one batch: each weight is read
-            // once for all of them.
+            // Several sequences ready at once (S > N) run as one batch, up to this stage's
+            // share of those in flight: each weight is read once for all of them.
             let jobs = node.next_jobs(batching.share(st.sequences, exec.max_batch()));
             if !jobs.is_empty() {
                 let mut s = lock(&stats);
