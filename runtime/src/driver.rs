@@ -761,6 +761,150 @@ mod tests {
         assert_eq!(Batching::greedy().share(1, 8), 8);
     }
 
+    /// Records each step's batch size and holds the step until the test lets it finish;
+    /// outputs are hidden rows of zeros (no cache comes back: the node ends those
+    /// sequences, which these tests do not look at).
+    struct Gate {
+        sizes: std::rc::Rc<std::cell::RefCell<Vec<usize>>>,
+        open: std::rc::Rc<std::cell::Cell<usize>>,
+        hidden: usize,
+    }
+
+    impl Exec for Gate {
+        fn submit(&self, job: crate::exec::RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone> {
+            let mut batch = self.submit_batch(vec![job]);
+            Box::pin(async move { batch.as_mut().await.pop().expect("one job, one result") })
+        }
+        fn submit_batch(
+            &self,
+            jobs: Vec<crate::exec::RuntimeJob>,
+        ) -> LocalBoxFuture<'static, Vec<RuntimeDone>> {
+            let step = {
+                let mut sizes = self.sizes.borrow_mut();
+                sizes.push(jobs.len());
+                sizes.len()
+            };
+            let (open, hidden) = (self.open.clone(), self.hidden);
+            Box::pin(async move {
+                // Until the test has opened this many steps.
+                futures::future::poll_fn(|cx| {
+                    if open.get() >= step {
+                        std::task::Poll::Ready(())
+                    } else {
+                        cx.waker().wake_by_ref();
+                        std::task::Poll::Pending
+                    }
+                })
+                .await;
+                jobs.into_iter()
+                    .map(|j| mdi_core::engine::Done {
+                        seq: j.seq,
+                        cache: None,
+                        output: Ok(mdi_core::StageOutput::Hidden(vec![0.0; hidden])),
+                    })
+                    .collect()
+            })
+        }
+        fn max_batch(&self) -> usize {
+            8
+        }
+        fn kv_bytes_per_position(&self) -> usize {
+            64
+        }
+        fn weight_bytes(&self) -> u64 {
+            0
+        }
+        fn describe(&self) -> String {
+            "gate".into()
+        }
+    }
+
+    /// Resolves once `done` holds (polled again at every turn of the executor).
+    async fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let started = Instant::now();
+        futures::future::poll_fn(|cx| {
+            assert!(started.elapsed() < Duration::from_secs(10), "never {what}");
+            if done() {
+                std::task::Poll::Ready(())
+            } else {
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Eight sequences in flight on a four-stage ring: seven that arrive while a step runs
+    /// are not run as one batch of seven (they would travel on as one clump) but two at a
+    /// time, their share.
+    #[test]
+    fn sequences_arriving_together_run_in_batches_of_their_share() {
+        let hidden = 8;
+        let ((next, next_back_tx), (next_back_rx_prev, _next_in)) = pair(&Default::default());
+        let ((prev_tx, prev_back), (prev_back_tx, prev_in)) = pair(&Default::default());
+        let node = Node::new(NodeConfig {
+            index: 1,
+            is_last: false,
+            hidden,
+            wire: WireDtype::F32,
+            max_message: 64 * 1024,
+            max_positions: 16,
+            max_tokens: 16,
+            max_sequences: 8,
+            max_partials: 8,
+            max_held_bytes: 1 << 20,
+            kv_bytes_per_position: 64,
+            kv_cap_bytes: 1 << 20,
+        });
+        let gate = Gate {
+            sizes: Default::default(),
+            open: Default::default(),
+            hidden,
+        };
+        let (sizes, open) = (gate.sizes.clone(), gate.open.clone());
+        let stats: SharedStats = Arc::new(Mutex::new(DriverStats::default()));
+        let hops = Hops {
+            next: Some((next, next_back_tx)),
+            prev: Some((prev_in, prev_back_tx)),
+        };
+        let _keep = (next_back_rx_prev, prev_back);
+        let batching = Batching::new(4, |_| Box::pin(futures::future::pending()));
+        let run = run_node(node, &gate, hops, stats.clone(), batching);
+        let row = vec![0.5f32; hidden];
+        let activation =
+            |seq: u64| wire::encode_activation(seq, 0, hidden, &row, WireDtype::F32, usize::MAX);
+        let feed = async {
+            for seq in 1..=8u64 {
+                let start = wire::encode_control(&Control::Start { seq, positions: 16 });
+                prev_tx.send(start).await.unwrap();
+            }
+            for f in activation(1) {
+                prev_tx.send(f).await.unwrap();
+            }
+            wait_for("ran the first sequence", || sizes.borrow().len() == 1).await;
+            // The other seven arrive while that step runs.
+            for seq in 2..=8 {
+                for f in activation(seq) {
+                    prev_tx.send(f).await.unwrap();
+                }
+            }
+            wait_for("read the seven", || lock(&stats).queued == 7).await;
+            // Let every step finish as it comes, until all eight have run.
+            wait_for("ran all eight", || {
+                open.set(sizes.borrow().len());
+                sizes.borrow().iter().sum::<usize>() == 8
+            })
+            .await;
+        };
+        futures::executor::block_on(futures::future::select(Box::pin(run), Box::pin(feed)));
+        // Before, the step after the first ran all seven: [1, 7]. (The share shrinks as the
+        // sequences end here, having no caches.)
+        let sizes = sizes.borrow();
+        assert_eq!(sizes[..2], [1, 2], "steps {sizes:?}");
+        assert!(sizes.iter().all(|&n| n <= 2), "steps {sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 8);
+    }
+
     impl Exec for NoJobs {
         fn submit(&self, _job: crate::exec::RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone> {
             Box::pin(futures::future::pending())
