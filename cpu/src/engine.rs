@@ -533,6 +533,18 @@ impl CpuEngine {
         per.clamp(1, w.rows().max(1))
     }
 
+    /// A head input must be one hidden row.
+    fn check_head_row(&self, hidden: &[f32]) -> Result<()> {
+        if hidden.len() != self.config.hidden {
+            return Err(Error::Input(format!(
+                "head input has {} values, expected one row of {}",
+                hidden.len(),
+                self.config.hidden
+            )));
+        }
+        Ok(())
+    }
+
     fn no_head(&self) -> Error {
         Error::Input(format!(
             "stage {:?} does not hold the head",
@@ -581,10 +593,7 @@ impl CpuEngine {
                     for (s, o) in seqs.iter().zip(outputs.iter_mut()) {
                         if o.is_none() {
                             let l = rows.next().unwrap_or(&[]);
-                            *o = Some(Ok(match s.want {
-                                Want::Argmax => StageOutput::Token(argmax(l)),
-                                _ => StageOutput::Logits(l.to_vec()),
-                            }));
+                            *o = Some(Ok(head_output(s.want, l)));
                         }
                     }
                 }
@@ -635,13 +644,7 @@ impl StageEngine for CpuEngine {
     }
 
     fn head(&mut self, hidden: &[f32], want: Want) -> Result<StageOutput> {
-        if hidden.len() != self.config.hidden {
-            return Err(Error::Input(format!(
-                "head input has {} values, expected one row of {}",
-                hidden.len(),
-                self.config.hidden
-            )));
-        }
+        self.check_head_row(hidden)?;
         let logits = self.pool.install(|| self.head_rows(hidden))?;
         Ok(match want {
             Want::Argmax => StageOutput::Token(argmax(&logits)),
@@ -652,31 +655,20 @@ impl StageEngine for CpuEngine {
     /// All valid rows through the final norm and the head matrix together: the matrix (the
     /// largest of the model) is read once for every sequence whose token came back.
     fn head_batch(&mut self, rows: &[(&[f32], Want)]) -> Vec<Result<StageOutput>> {
-        let h = self.config.hidden;
         let mut results: Vec<Option<Result<StageOutput>>> = rows
             .iter()
-            .map(|(hidden, _)| {
-                (hidden.len() != h).then(|| {
-                    Err(Error::Input(format!(
-                        "head input has {} values, expected one row of {h}",
-                        hidden.len()
-                    )))
-                })
-            })
+            .map(|(hidden, _)| self.check_head_row(hidden).err().map(Err))
             .collect();
         let valid: Vec<usize> = (0..rows.len()).filter(|&i| results[i].is_none()).collect();
         if !valid.is_empty() {
-            let mut x = Vec::with_capacity(valid.len() * h); // (valid, hidden)
+            let mut x = Vec::with_capacity(valid.len() * self.config.hidden); // (valid, hidden)
             for &i in &valid {
                 x.extend_from_slice(rows[i].0);
             }
             match self.pool.install(|| self.head_rows(&x)) {
                 Ok(logits) => {
                     for (&i, l) in valid.iter().zip(logits.chunks_exact(self.config.vocab)) {
-                        results[i] = Some(Ok(match rows[i].1 {
-                            Want::Argmax => StageOutput::Token(argmax(l)),
-                            _ => StageOutput::Logits(l.to_vec()),
-                        }));
+                        results[i] = Some(Ok(head_output(rows[i].1, l)));
                     }
                 }
                 Err(_) => {
@@ -725,6 +717,14 @@ impl StageEngine for CpuEngine {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::Engine("no output".into()))))
             .collect()
+    }
+}
+
+/// One row's logits as the sequence asked for them: its greedy token, or the logits.
+fn head_output(want: Want, logits: &[f32]) -> StageOutput {
+    match want {
+        Want::Argmax => StageOutput::Token(argmax(logits)),
+        _ => StageOutput::Logits(logits.to_vec()),
     }
 }
 

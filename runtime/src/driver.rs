@@ -28,6 +28,7 @@ use mdi_transport::{Inbox, Link};
 use web_time::{Duration, Instant};
 
 use crate::exec::{CacheHandle, Exec, RuntimeDone};
+use crate::lock;
 
 /// Seconds between round-trip pings on a busy link.
 const PING_EVERY_S: f64 = 0.5;
@@ -241,11 +242,15 @@ impl<'a> Batching<'a> {
         Self::new(usize::MAX, |_| Box::pin(futures::future::pending()))
     }
 
+    fn is_greedy(&self) -> bool {
+        self.stages == usize::MAX
+    }
+
     /// The most sequences to run in one step, with `here` in flight at this stage: its share
     /// (all that are ready when batching greedily).
     fn share(&self, here: usize, max_batch: usize) -> usize {
         let max_batch = max_batch.max(1);
-        if self.stages == usize::MAX {
+        if self.is_greedy() {
             return max_batch;
         }
         here.div_ceil(self.stages).clamp(1, max_batch)
@@ -280,7 +285,7 @@ impl Linger {
         if ready == 0 {
             return false;
         }
-        if b.stages == usize::MAX {
+        if b.is_greedy() {
             return true;
         }
         let want = b.share(here, max_batch);
@@ -378,10 +383,6 @@ fn pong_for(msg: &[u8]) -> Option<Vec<u8>> {
         }
         _ => None,
     }
-}
-
-fn lock(stats: &SharedStats) -> std::sync::MutexGuard<'_, DriverStats> {
-    stats.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Drives a secondary node until its previous link closes (Ok) or its next link fails.

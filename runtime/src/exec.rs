@@ -264,13 +264,13 @@ struct FreeList(Mutex<Vec<u64>>);
 
 impl CacheOwner for FreeList {
     fn free(&self, id: u64) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+        crate::lock(&self.0).push(id);
     }
 }
 
 impl FreeList {
     fn drain(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *crate::lock(&self.0))
     }
 }
 
@@ -487,11 +487,7 @@ mod threaded {
     impl CacheOwner for ChannelOwner {
         fn free(&self, id: u64) {
             // The thread is gone only when the executor is: nothing left to free.
-            let _ = self
-                .0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send(Msg::Free(id));
+            let _ = crate::lock(&self.0).send(Msg::Free(id));
         }
     }
 
@@ -575,11 +571,7 @@ mod threaded {
 
     impl Drop for ThreadedExec {
         fn drop(&mut self) {
-            let _ = self
-                .tx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send(Msg::Stop);
+            let _ = crate::lock(&self.tx).send(Msg::Stop);
         }
     }
 
@@ -587,11 +579,7 @@ mod threaded {
         fn submit(&self, job: RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone> {
             let seq = job.seq;
             let (reply, done) = futures::channel::oneshot::channel();
-            let sent = self
-                .tx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send(Msg::Job(job, reply));
+            let sent = crate::lock(&self.tx).send(Msg::Job(job, reply));
             Box::pin(async move {
                 if sent.is_err() {
                     return failed(seq, "the compute thread has stopped".into());
@@ -604,11 +592,7 @@ mod threaded {
         fn submit_batch(&self, jobs: Vec<RuntimeJob>) -> LocalBoxFuture<'static, Vec<RuntimeDone>> {
             let seqs: Vec<u64> = jobs.iter().map(|j| j.seq).collect();
             let (reply, done) = futures::channel::oneshot::channel();
-            let sent = self
-                .tx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send(Msg::Batch(jobs, reply));
+            let sent = crate::lock(&self.tx).send(Msg::Batch(jobs, reply));
             Box::pin(async move {
                 let stopped = || {
                     seqs.iter()

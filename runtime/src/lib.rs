@@ -25,5 +25,12 @@ pub mod protocol;
 pub mod session;
 
 pub use exec::{BoxExec, CacheHandle, Exec};
+
+/// Locks `m`, going on with its value if a thread panicked while holding it: the runtime's
+/// shared state (statistics, queues) stays usable, and the panic is reported where it
+/// happened.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 pub use platform::{Backend, Platform};
 pub use session::NodeOptions;

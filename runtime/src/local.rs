@@ -291,7 +291,7 @@ pub fn run_ring(
     let mut decode_hop_bytes = None;
     let per_node = (0..n)
         .map(|i| {
-            let s = stats[i].lock().unwrap_or_else(|p| p.into_inner());
+            let s = crate::lock(&stats[i]);
             hop_rtt_ms.extend(&s.rtts_ms);
             decode_hop_bytes = decode_hop_bytes.or(s.decode_frame_bytes);
             NodeStats {

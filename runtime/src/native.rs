@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::exec::{BoxExec, ThreadedExec};
+use crate::lock;
 use crate::platform::{
     Answering, Backend, ControlChannel, ControlRx, ControlTx, Offering, Platform, PlatformResult,
 };
@@ -568,10 +569,6 @@ fn evict(dir: &std::path::Path, max: u64, keep: &std::path::Path) -> std::io::Re
         total -= len;
     }
     Ok((deleted, total))
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Resident memory of this process (Linux: `VmRSS` of `/proc/self/status`).

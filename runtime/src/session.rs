@@ -350,7 +350,7 @@ pub async fn run(
                 let mut garbage = None;
                 let report = {
                     let st = state.borrow();
-                    let s = st.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let s = crate::lock(&st.stats).clone();
                     if (st.epoch, st.prev) != (reported.0, reported.1) {
                         reported = (st.epoch, st.prev, 0);
                     }
