@@ -282,12 +282,6 @@ pub(super) mod avx2 {
         _mm_storeu_ps(out.as_mut_ptr(), q);
         out
     }
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scale(p: *const u8) -> f32 {
-        let bits = p.cast::<u16>().read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
     /// 16 unsigned nibbles → values 0..8, 8..16 (low nibbles), 16..24, 24..32 (high).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -332,15 +326,34 @@ pub(super) mod avx2 {
         }
         out
     }
-    /// Scales (and minima) of `n` blocks `stride` bytes apart, one F16C conversion each.
+    /// Scales (and minima) of `n` blocks `stride` bytes apart, four blocks per F16C
+    /// conversion: the dword at each block's start holds its f16 scale (low half) and, for
+    /// Q4_1, its f16 minimum (high half); lanes past `n` read nothing and stay zero.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn fill(p: *const u8, stride: usize, n: usize, s: &mut Scales, with_min: bool) {
-        for j in 0..n {
-            let b = p.add(j * stride);
-            let d = scale(b);
-            s.d[j] = d;
-            s.o[j] = if with_min { scale(b.add(2)) } else { -8.0 * d };
+        // Low halves of four dwords to bytes 0..8, high halves to bytes 8..16.
+        let split = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+        let dword = |j: usize| -> i32 {
+            if j < n {
+                p.add(j * stride).cast::<i32>().read_unaligned()
+            } else {
+                0
+            }
+        };
+        let mut j = 0;
+        while j < n {
+            let dw = _mm_setr_epi32(dword(j), dword(j + 1), dword(j + 2), dword(j + 3));
+            let f = _mm256_cvtph_ps(_mm_shuffle_epi8(dw, split));
+            let d = _mm256_castps256_ps128(f);
+            let o = if with_min {
+                _mm256_extractf128_ps::<1>(f)
+            } else {
+                _mm_mul_ps(d, _mm_set1_ps(-8.0))
+            };
+            _mm_storeu_ps(s.d.as_mut_ptr().add(j), d);
+            _mm_storeu_ps(s.o.as_mut_ptr().add(j), o);
+            j += 4;
         }
     }
     #[inline]
