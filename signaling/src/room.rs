@@ -71,7 +71,7 @@ pub const REBALANCE_AFTER_BUSY: Duration = Duration::from_secs(4);
 /// Rebalances between two changes of membership; each re-plans from the last ring's figures.
 pub const MAX_REBALANCES: u32 = 2;
 /// A rebalance is worth its reload when the new plan's busiest stage is this much faster.
-const REBALANCE_GAIN: f64 = 0.9;
+const REBALANCE_GAIN: f64 = 0.95;
 /// Malformed messages a member may send before it is dropped.
 pub const MAX_BAD_MESSAGES: u32 = 20;
 /// Unusable frames a ring member may send its next node (as that node reports) before it is
@@ -442,7 +442,7 @@ impl Room {
     /// multiply-add than a layer when it is stored in a wider format. Once the busiest stage
     /// has been busy [`REBALANCE_AFTER_BUSY`], each node's measured speed (its stage's work
     /// per busy second) goes to the planner; if the new plan's busiest stage would be at
-    /// least 10% faster, the ring is planned again (when idle, as for a join). At most
+    /// least 5% faster, the ring is planned again (when idle, as for a join). At most
     /// [`MAX_REBALANCES`] times between changes of membership.
     fn rebalance(&mut self, cfg: &RoomConfig, model: &ModelFacts) {
         if self.changed.is_some() || self.rebalances >= MAX_REBALANCES || !self.is_ready() {
