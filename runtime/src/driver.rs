@@ -81,7 +81,19 @@ pub struct DriverStats {
 /// Round trips kept in [`DriverStats::rtts_ms`].
 pub const RTTS_KEPT: usize = 256;
 
+/// Round trips the reported one is the median of: 8 s of pings.
+pub const RTTS_REPORTED: usize = 16;
+
 impl DriverStats {
+    /// The median of the last [`RTTS_REPORTED`] round trips: one ping that waited behind a
+    /// step of a throttled node moves the last sample, not this.
+    pub fn recent_rtt_ms(&self) -> Option<f64> {
+        let from = self.rtts_ms.len().saturating_sub(RTTS_REPORTED);
+        let mut recent = self.rtts_ms[from..].to_vec();
+        recent.sort_by(f64::total_cmp);
+        recent.get(recent.len() / 2).copied()
+    }
+
     fn rtt(&mut self, ms: f64) {
         self.rtt_ms = Some(ms);
         if self.rtts_ms.len() == RTTS_KEPT {
@@ -698,6 +710,26 @@ pub async fn run_starter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reported_round_trip_is_the_median_of_the_recent_ones() {
+        let mut s = DriverStats::default();
+        assert_eq!(s.recent_rtt_ms(), None);
+        for ms in [40.0, 41.0, 39.0] {
+            s.rtt(ms);
+        }
+        for i in 0..RTTS_REPORTED {
+            s.rtt(if i % 4 == 3 {
+                30.0
+            } else {
+                4.0 + i as f64 * 0.01
+            });
+        }
+        // The old round trips fell out of the window; the slow quarter does not set it.
+        let r = s.recent_rtt_ms().unwrap();
+        assert!((4.0..4.2).contains(&r), "{r}");
+        assert_eq!(s.rtt_ms, Some(30.0));
+    }
     use mdi_core::node::NodeConfig;
     use mdi_core::wire::WireDtype;
     use mdi_transport::in_process::{pair, InProcessConfig};

@@ -133,7 +133,8 @@ pub struct NodeReport {
     pub epoch: u64,
     /// Tokens per second through this node's layers over the last interval.
     pub tok_s: f64,
-    /// Round trip to the next node over the data channel, if measured.
+    /// Round trip to the next node over the data channel, if measured: the median of the
+    /// last few pings.
     pub rtt_ms: Option<f64>,
     /// Bytes of weights the engine holds (as it allocated them).
     pub weight_bytes: u64,

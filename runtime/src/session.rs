@@ -370,7 +370,7 @@ pub async fn run(
                     NodeReport {
                         epoch: st.epoch,
                         tok_s,
-                        rtt_ms: s.rtt_ms,
+                        rtt_ms: s.recent_rtt_ms(),
                         weight_bytes: st.weight_bytes,
                         kv_bytes: s.kv_bytes,
                         rss_bytes: platform.rss_bytes(),
