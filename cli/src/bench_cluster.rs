@@ -617,16 +617,19 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                     "reference".into()
                 } else {
                     let target = format!("scaling {scale:.2}× ≥ 0.9·N = {:.1}×", 0.9 * n as f64);
-                    if k == 0 {
-                        // With one sequence per stage each token of a sequence crosses N
-                        // links in turn: N sequences make N tokens per (one node's time per
-                        // token + N delays) at best, however fast the hops are otherwise.
-                        let (t1, d) = (1.0 / b0, b.delay_ms / 1e3);
-                        let allows = n as f64 * t1 / (t1 + n as f64 * d);
-                        format!("{target} (the links' delay alone allows ≤ {allows:.2}×)")
+                    // Each stage runs its share, S / N = k + 1 sequences, as one batch, and a
+                    // batch's token crosses N links in turn: N batches make S tokens per (one
+                    // node's time for a step of that batch + N delays) at best, however fast
+                    // the hops are otherwise. One node's step of k + 1 sequences takes
+                    // (k + 1) / its tok/s at S = k + 1.
+                    let (t, d) = ((k + 1) as f64 / b0, b.delay_ms / 1e3);
+                    let allows = n as f64 * t / (t + n as f64 * d);
+                    let batches = if k == 0 {
+                        String::new()
                     } else {
-                        target
-                    }
+                        format!("in batches of {}, ", k + 1)
+                    };
+                    format!("{target} ({batches}the links' delay alone allows ≤ {allows:.2}×)")
                 },
                 ok: (n > 1).then_some(scale >= 0.9 * n as f64),
             });
