@@ -386,17 +386,57 @@ impl<C> Starter<C> {
         None
     }
 
-    /// Up to `max` jobs of different sequences, to run as one batch; see
-    /// [`next_job`](Self::next_job).
-    pub fn next_jobs(&mut self, max: usize) -> Vec<Job<C>> {
+    /// Jobs of different sequences to run as one batch: up to `share` heads (activations
+    /// back from the ring) and up to `share` feeds (new tokens into the starter's layers),
+    /// at most `max` in all; see [`next_job`](Self::next_job).
+    ///
+    /// The two kinds are counted apart because every sequence passes the starter twice per
+    /// token. With one count, a step took whichever came first, say one head of a batch
+    /// that came back and one feed of another, and split both batches: their sequences then
+    /// ran one at a time through every later stage. Jobs left for later keep their order.
+    pub fn next_jobs(&mut self, share: usize, max: usize) -> Vec<Job<C>> {
+        let (share, max) = (share.max(1), max.max(1));
         let mut jobs = Vec::new();
-        while jobs.len() < max.max(1) {
-            match self.next_job() {
-                Some(j) => jobs.push(j),
-                None => break,
+        let (mut heads, mut feeds) = (0, 0);
+        let mut later = Vec::new();
+        while jobs.len() < max && (heads < share || feeds < share) {
+            let Some(head) = self.front_is_head() else {
+                break;
+            };
+            if (head && heads >= share) || (!head && feeds >= share) {
+                later.extend(self.ready.pop_front());
+                continue;
             }
+            // `next_job` takes exactly the front entry: `front_is_head` dropped any it skips.
+            let Some(job) = self.next_job() else { break };
+            if head {
+                heads += 1;
+            } else {
+                feeds += 1;
+            }
+            jobs.push(job);
+        }
+        for entry in later.into_iter().rev() {
+            self.ready.push_front(entry);
         }
         jobs
+    }
+
+    /// Whether the first runnable ready entry is a head, after dropping the entries before
+    /// it that [`next_job`](Self::next_job) would skip (sequences that ended, feeds whose
+    /// sequence has a job running); `None` when nothing is ready.
+    fn front_is_head(&mut self) -> Option<bool> {
+        loop {
+            let (seq, pending) = self.ready.front()?;
+            let runnable = match self.seqs.get(seq) {
+                None => false,
+                Some(s) => matches!(pending, Pending::Head(_)) || !matches!(s.cache, Slot::Lent),
+            };
+            if runnable {
+                return Some(matches!(pending, Pending::Head(_)));
+            }
+            self.ready.pop_front();
+        }
     }
 
     /// Takes a finished job back; returns messages for node 1.
@@ -531,5 +571,120 @@ impl<C> Starter<C> {
             out.extend(self.complete(done, events));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HIDDEN: usize = 4;
+
+    fn starter(requests: u64) -> Starter<()> {
+        let mut s = Starter::new(StarterConfig {
+            n_nodes: 2,
+            hidden: HIDDEN,
+            wire: WireDtype::F32,
+            max_message: 1 << 20,
+            context: 64,
+            in_flight: 8,
+            kv_bytes_per_position: 1,
+            kv_cap_bytes: 1 << 20,
+        });
+        for id in 0..requests {
+            s.submit(
+                id,
+                SeqRequest {
+                    prompt_tokens: vec![1, 2],
+                    max_tokens: 10,
+                    params: SamplingParams::default(),
+                    eos_ids: Vec::new(),
+                },
+            );
+        }
+        s.pump(&mut Vec::new());
+        s
+    }
+
+    /// Runs a feed job as the starter's layers would, and brings its last position back
+    /// from the ring as the next node would: the sequence's head is then ready.
+    fn feed_and_return(s: &mut Starter<()>, job: Job<()>) {
+        let Task::Forward {
+            input: JobInput::Tokens(tokens),
+            ..
+        } = job.task
+        else {
+            panic!("expected a feed job, got {:?}", job.task);
+        };
+        let n = tokens.len();
+        let done = Done {
+            seq: job.seq,
+            cache: Some(()),
+            output: Ok(StageOutput::Hidden(vec![0.5; n * HIDDEN])),
+        };
+        let sent = s.complete(done, &mut Vec::new());
+        assert!(!sent.is_empty(), "the feed's activations go to node 1");
+        let back = wire::encode_activation(
+            job.seq,
+            n as u32 - 1,
+            HIDDEN,
+            &[0.25; HIDDEN],
+            WireDtype::F32,
+            1 << 20,
+        );
+        for m in back {
+            s.handle(&m, &mut Vec::new());
+        }
+    }
+
+    fn kinds(jobs: &[Job<()>]) -> Vec<(u64, &'static str)> {
+        jobs.iter()
+            .map(|j| match j.task {
+                Task::Head { .. } => (j.seq, "head"),
+                Task::Forward { .. } => (j.seq, "feed"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_step_takes_its_share_of_heads_and_of_feeds_without_splitting_either() {
+        let mut s = starter(4);
+        // Two sequences' feeds run and come back: their heads queue behind the other two feeds.
+        let first = s.next_jobs(2, 8);
+        assert_eq!(kinds(&first), [(1, "feed"), (2, "feed")]);
+        for job in first {
+            feed_and_return(&mut s, job);
+        }
+        assert_eq!(s.ready_jobs(), 4);
+        // One step runs both feeds and both heads (one count would have taken the feeds only).
+        let step = s.next_jobs(2, 8);
+        assert_eq!(
+            kinds(&step),
+            [(3, "feed"), (4, "feed"), (1, "head"), (2, "head")]
+        );
+        assert_eq!(s.ready_jobs(), 0);
+    }
+
+    #[test]
+    fn jobs_over_a_share_or_the_batch_limit_wait_in_order() {
+        let mut s = starter(4);
+        for job in s.next_jobs(2, 8) {
+            feed_and_return(&mut s, job);
+        }
+        // Ready: feeds 3, 4, heads 1, 2 (sequences are numbered from 1). A share of one: one of each, the rest keep order.
+        assert_eq!(kinds(&s.next_jobs(1, 8)), [(3, "feed"), (1, "head")]);
+        assert_eq!(kinds(&s.next_jobs(1, 8)), [(4, "feed"), (2, "head")]);
+        assert!(s.next_jobs(1, 8).is_empty());
+
+        let mut s = starter(4);
+        for job in s.next_jobs(2, 8) {
+            feed_and_return(&mut s, job);
+        }
+        // The batch limit holds over both kinds.
+        assert_eq!(
+            kinds(&s.next_jobs(2, 3)),
+            [(3, "feed"), (4, "feed"), (1, "head")]
+        );
+        assert_eq!(kinds(&s.next_jobs(2, 3)), [(2, "head")]);
     }
 }

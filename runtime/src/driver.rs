@@ -397,6 +397,9 @@ fn pong_for(msg: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Messages the starter takes from its previous link at once, before its next step.
+const MAX_TAKEN: usize = 64;
+
 /// Drives a secondary node until its previous link closes (Ok) or its next link fails.
 pub async fn run_node(
     mut node: Node<CacheHandle>,
@@ -579,7 +582,10 @@ pub async fn run_starter(
                 exec.max_batch(),
             )
         {
-            let jobs = starter.next_jobs(batching.share(starter.in_flight(), exec.max_batch()));
+            let jobs = starter.next_jobs(
+                batching.share(starter.in_flight(), exec.max_batch()),
+                exec.max_batch(),
+            );
             if !jobs.is_empty() {
                 let mut s = lock(&stats);
                 s.peak_batch = s.peak_batch.max(jobs.len());
@@ -681,15 +687,34 @@ pub async fn run_starter(
                 next_back = None;
                 Vec::new()
             }
-            Wake::Msg(Some(m)) => match (pong_for(&m), replies.as_mut()) {
-                (Some(p), Some(r)) => {
-                    if r.queue.len() < MAX_REPLIES {
-                        r.push([p]);
+            Wake::Msg(Some(first)) => {
+                // A batch comes back as one message per sequence. Those already here are
+                // taken before the next step starts, or that step would run the first one's
+                // head with other work (ready jobs then reach the share) and split the batch.
+                let mut msgs = Vec::new();
+                let mut next = Some(first);
+                let mut taken = 0;
+                while let Some(m) = next.take() {
+                    match (pong_for(&m), replies.as_mut()) {
+                        (Some(p), Some(r)) => {
+                            if r.queue.len() < MAX_REPLIES {
+                                r.push([p]);
+                            }
+                        }
+                        _ => msgs.extend(starter.handle(&m, &mut evs)),
                     }
-                    Vec::new()
+                    taken += 1;
+                    if taken < MAX_TAKEN {
+                        // Only what is already here; an end of the link is left for the
+                        // next wait to see.
+                        next = prev
+                            .as_mut()
+                            .and_then(|p| p.recv().now_or_never())
+                            .flatten();
+                    }
                 }
-                _ => starter.handle(&m, &mut evs),
-            },
+                msgs
+            }
             Wake::Msg(None) => return Err(DriverError::PrevClosed),
             Wake::Cmd(Some(Command::Submit { id, req })) => {
                 starter.submit(id, req);
@@ -865,6 +890,154 @@ mod tests {
             }
         })
         .await
+    }
+
+    /// Records each step's (heads, feeds) and finishes it at once, as a starter's engine.
+    struct Recorder {
+        steps: std::rc::Rc<std::cell::RefCell<Vec<(usize, usize)>>>,
+        hidden: usize,
+    }
+
+    impl Exec for Recorder {
+        fn submit(&self, job: crate::exec::RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone> {
+            let mut batch = self.submit_batch(vec![job]);
+            Box::pin(async move { batch.as_mut().await.pop().expect("one job, one result") })
+        }
+        fn submit_batch(
+            &self,
+            jobs: Vec<crate::exec::RuntimeJob>,
+        ) -> LocalBoxFuture<'static, Vec<RuntimeDone>> {
+            use mdi_core::engine::{CacheSlot, JobInput, Task};
+            let heads = jobs
+                .iter()
+                .filter(|j| matches!(j.task, Task::Head { .. }))
+                .count();
+            self.steps.borrow_mut().push((heads, jobs.len() - heads));
+            let hidden = self.hidden;
+            let done: Vec<RuntimeDone> = jobs
+                .into_iter()
+                .map(|j| match j.task {
+                    Task::Head { .. } => mdi_core::engine::Done {
+                        seq: j.seq,
+                        cache: None,
+                        output: Ok(mdi_core::StageOutput::Token(7)),
+                    },
+                    Task::Forward { cache, input, .. } => {
+                        let n = match input {
+                            JobInput::Tokens(t) => t.len(),
+                            JobInput::Hidden(h) => h.len() / hidden,
+                        };
+                        let cache = match cache {
+                            CacheSlot::Lent(c) => c,
+                            CacheSlot::New { .. } => crate::exec::CacheHandle::detached(j.seq),
+                        };
+                        mdi_core::engine::Done {
+                            seq: j.seq,
+                            cache: Some(cache),
+                            output: Ok(mdi_core::StageOutput::Hidden(vec![0.5; n * hidden])),
+                        }
+                    }
+                })
+                .collect();
+            Box::pin(async move { done })
+        }
+        fn max_batch(&self) -> usize {
+            8
+        }
+        fn kv_bytes_per_position(&self) -> usize {
+            64
+        }
+        fn weight_bytes(&self) -> u64 {
+            0
+        }
+        fn describe(&self) -> String {
+            "recorder".into()
+        }
+    }
+
+    /// A batch comes back to the starter as one message per sequence. Two that arrive
+    /// together while a feed waits for its batch run in one step with it: taking the first
+    /// alone brought the ready jobs up to the share, and the step split the batch.
+    #[test]
+    fn heads_that_come_back_together_run_in_one_step() {
+        use mdi_core::sampling::SamplingParams;
+        use mdi_core::starter::StarterConfig;
+        let hidden = 8;
+        let ((next, next_back), (_pong_tx, mut next_in)) = pair(&Default::default());
+        let ((prev_tx, _replies_in), (replies_tx, prev_in)) = pair(&Default::default());
+        let starter = Starter::new(StarterConfig {
+            n_nodes: 2,
+            hidden,
+            wire: WireDtype::F32,
+            max_message: 64 * 1024,
+            context: 64,
+            in_flight: 8,
+            kv_bytes_per_position: 64,
+            kv_cap_bytes: 1 << 20,
+        });
+        let steps = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let exec = Recorder {
+            steps: steps.clone(),
+            hidden,
+        };
+        let (commands, commands_rx) = mpsc::unbounded();
+        let (events, _events_rx) = mpsc::unbounded();
+        let stats: SharedStats = Arc::new(Mutex::new(DriverStats::default()));
+        let hops = Hops {
+            next: Some((next, next_back)),
+            prev: Some((prev_in, replies_tx)),
+        };
+        // Two stages: three or four sequences in flight make a share of two.
+        let batching = Batching::new(2, |_| Box::pin(futures::future::pending()));
+        let run = run_starter(
+            starter,
+            &exec,
+            hops,
+            commands_rx,
+            events,
+            stats.clone(),
+            batching,
+        );
+        let submit = |id: u64| {
+            let req = SeqRequest {
+                prompt_tokens: vec![1, 2],
+                max_tokens: 4,
+                params: SamplingParams::default(),
+                eos_ids: Vec::new(),
+            };
+            commands
+                .unbounded_send(Command::Submit { id, req })
+                .unwrap();
+        };
+        let mut before = 0;
+        let ring = async {
+            for id in 0..3 {
+                submit(id);
+            }
+            // The first two run as they come (a share of one); the third arrives with three in
+            // flight, a share of two, and waits for a partner.
+            let mut fed = Vec::new();
+            while fed.len() < 2 {
+                let m = next_in.recv().await.expect("the starter's output");
+                if let Ok(Message::Activation(a)) = wire::decode(&m) {
+                    fed.push(a.seq);
+                }
+            }
+            wait_for("took the third", || lock(&stats).sequences == 3).await;
+            before = steps.borrow().len();
+            // The two come back at once, as the last node sends a batch.
+            let row = vec![0.25f32; hidden];
+            for &seq in &fed {
+                for m in wire::encode_activation(seq, 1, hidden, &row, WireDtype::F32, usize::MAX) {
+                    prev_tx.send(m).await.unwrap();
+                }
+            }
+            wait_for("ran a step", || steps.borrow().len() > before).await;
+        };
+        futures::executor::block_on(futures::future::select(Box::pin(run), Box::pin(ring)));
+        // Before, that step was (1, 1): the first head with the waiting feed, and the other
+        // head ran alone after it.
+        assert_eq!(steps.borrow()[before], (2, 1), "steps {:?}", steps.borrow());
     }
 
     /// Eight sequences in flight on a four-stage ring: seven that arrive while a step runs

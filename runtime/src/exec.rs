@@ -44,6 +44,21 @@ impl std::fmt::Debug for CacheHandle {
     }
 }
 
+#[cfg(test)]
+impl CacheHandle {
+    /// A handle owned by nothing, for tests of the drivers.
+    pub(crate) fn detached(id: u64) -> Self {
+        struct Nobody;
+        impl CacheOwner for Nobody {
+            fn free(&self, _: u64) {}
+        }
+        Self {
+            id,
+            owner: Arc::new(Nobody),
+        }
+    }
+}
+
 impl Drop for CacheHandle {
     fn drop(&mut self) {
         self.owner.free(self.id);
