@@ -78,6 +78,16 @@ pub struct DriverStats {
     pub oversized: u64,
 }
 
+/// The `p` quantile (0..=1) of `xs`, the nearest sample; `None` when there are none.
+pub fn percentile(xs: &[f64], p: f64) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    Some(v[((v.len() - 1) as f64 * p).round() as usize])
+}
+
 /// Round trips kept in [`DriverStats::rtts_ms`].
 pub const RTTS_KEPT: usize = 256;
 
@@ -89,9 +99,7 @@ impl DriverStats {
     /// step of a throttled node moves the last sample, not this.
     pub fn recent_rtt_ms(&self) -> Option<f64> {
         let from = self.rtts_ms.len().saturating_sub(RTTS_REPORTED);
-        let mut recent = self.rtts_ms[from..].to_vec();
-        recent.sort_by(f64::total_cmp);
-        recent.get(recent.len() / 2).copied()
+        percentile(&self.rtts_ms[from..], 0.5)
     }
 
     fn rtt(&mut self, ms: f64) {
@@ -692,9 +700,8 @@ pub async fn run_starter(
                 // taken before the next step starts, or that step would run the first one's
                 // head with other work (ready jobs then reach the share) and split the batch.
                 let mut msgs = Vec::new();
-                let mut next = Some(first);
-                let mut taken = 0;
-                while let Some(m) = next.take() {
+                let mut m = first;
+                for taken in 1.. {
                     match (pong_for(&m), replies.as_mut()) {
                         (Some(p), Some(r)) => {
                             if r.queue.len() < MAX_REPLIES {
@@ -703,14 +710,12 @@ pub async fn run_starter(
                         }
                         _ => msgs.extend(starter.handle(&m, &mut evs)),
                     }
-                    taken += 1;
-                    if taken < MAX_TAKEN {
-                        // Only what is already here; an end of the link is left for the
-                        // next wait to see.
-                        next = prev
-                            .as_mut()
-                            .and_then(|p| p.recv().now_or_never())
-                            .flatten();
+                    // Only what is already here; an end of the link is left for the next
+                    // wait to see.
+                    let here = prev.as_mut().and_then(|p| p.recv().now_or_never());
+                    match here.flatten() {
+                        Some(next) if taken < MAX_TAKEN => m = next,
+                        _ => break,
                     }
                 }
                 msgs
@@ -735,6 +740,9 @@ pub async fn run_starter(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mdi_core::node::NodeConfig;
+    use mdi_core::wire::WireDtype;
+    use mdi_transport::in_process::{pair, InProcessConfig};
 
     #[test]
     fn the_reported_round_trip_is_the_median_of_the_recent_ones() {
@@ -755,9 +763,6 @@ mod tests {
         assert!((4.0..4.2).contains(&r), "{r}");
         assert_eq!(s.rtt_ms, Some(30.0));
     }
-    use mdi_core::node::NodeConfig;
-    use mdi_core::wire::WireDtype;
-    use mdi_transport::in_process::{pair, InProcessConfig};
 
     /// Runs no jobs: the frames of these tests never make one.
     struct NoJobs;
@@ -822,6 +827,13 @@ mod tests {
     /// Records each step's batch size and holds the step until the test lets it finish;
     /// outputs are hidden rows of zeros (no cache comes back: the node ends those
     /// sequences, which these tests do not look at).
+    /// A one-job batch's result, for test engines that implement only batches.
+    fn one_of(
+        mut batch: LocalBoxFuture<'static, Vec<RuntimeDone>>,
+    ) -> LocalBoxFuture<'static, RuntimeDone> {
+        Box::pin(async move { batch.as_mut().await.pop().expect("one job, one result") })
+    }
+
     struct Gate {
         sizes: std::rc::Rc<std::cell::RefCell<Vec<usize>>>,
         open: std::rc::Rc<std::cell::Cell<usize>>,
@@ -830,8 +842,7 @@ mod tests {
 
     impl Exec for Gate {
         fn submit(&self, job: crate::exec::RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone> {
-            let mut batch = self.submit_batch(vec![job]);
-            Box::pin(async move { batch.as_mut().await.pop().expect("one job, one result") })
+            one_of(self.submit_batch(vec![job]))
         }
         fn submit_batch(
             &self,
@@ -900,8 +911,7 @@ mod tests {
 
     impl Exec for Recorder {
         fn submit(&self, job: crate::exec::RuntimeJob) -> LocalBoxFuture<'static, RuntimeDone> {
-            let mut batch = self.submit_batch(vec![job]);
-            Box::pin(async move { batch.as_mut().await.pop().expect("one job, one result") })
+            one_of(self.submit_batch(vec![job]))
         }
         fn submit_batch(
             &self,

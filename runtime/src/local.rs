@@ -79,14 +79,7 @@ impl RingRun {
     }
 }
 
-pub fn percentile(xs: &[f64], p: f64) -> Option<f64> {
-    if xs.is_empty() {
-        return None;
-    }
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    Some(v[((v.len() - 1) as f64 * p).round() as usize])
-}
+pub use crate::driver::percentile;
 
 /// Both directions of each hop: `(next of i, prev of i+1)`.
 async fn hop_links(
