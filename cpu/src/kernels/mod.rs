@@ -295,13 +295,15 @@ impl Scales {
 /// `FUSED_R[T - 1]` rows and `FUSED_A[T - 1]` accumulators per row and token for groups of
 /// T ≤ 4 tokens dequantized in registers; `GEMM_MIN` (tokens from which rows are dequantized
 /// into an f32 panel instead) and `PANEL_R` × `PANEL_T` (the panel path's register tile:
-/// weight rows × tokens); `zero`, `splat`,
-/// `fma(a, b, c) = a·b + c`, `add`, `loadu`, `storeu`, `hsum`, `hsum4` (four at once),
+/// weight rows × tokens); `RAW_T1` (whether one token against Q4 rows takes the
+/// stored-integer kernel, `RAW_R` rows at a time); `zero`, `splat`,
+/// `fma(a, b, c) = a·b + c`, `add`, `mul`, `loadu`, `storeu`, `hsum`, `hsum4` (four at once),
 /// `prefetch` (a hint, any address);
 /// `scales_q8_0`, `scales_q4_0`, `scales_q4_1`, each filling a [`Scales`] for up to
 /// [`SCALE_GROUP`] blocks; and `blk_f32`, `blk_f16`, `blk_bf16`, `blk_q8_0`, `blk_q4_0`,
 /// `blk_q4_1`, each turning the bytes of 32 stored values (and, for the block formats, the
-/// block's converted scales) into `NB` vectors. The attributes (the module's
+/// block's converted scales) into `NB` vectors; `raw_q4`, 16 nibble bytes as their unscaled
+/// values 0..16 in `NB` vectors (low nibbles, then high). The attributes (the module's
 /// `target_feature`s) go on every function.
 // Unused only where no SIMD module is built (wasm32 without `simd128`).
 #[allow(unused_macros)]
@@ -330,6 +332,18 @@ macro_rules! simd_kernels {
             /// `p` must point at `BYTES` readable bytes; the CPU must have the module's
             /// features.
             unsafe fn load(p: *const u8, s: &Scales, j: usize) -> [V; NB];
+            /// Whether [`Block::raw`] gives the block's stored integers, so that a dot product
+            /// can apply the block's scale once to a sum instead of to every value.
+            const RAW: bool = false;
+            /// Whether a value is `q·d + o` (Q4_0's o = −8·d, Q4_1's minimum) rather than `q·d`.
+            const OFFSET: bool = false;
+            /// The block's 32 stored integers (Q4: 0..16) as f32, unscaled.
+            ///
+            /// # Safety
+            /// As [`Block::load`]; only called where `RAW` holds.
+            unsafe fn raw(_p: *const u8) -> [V; NB] {
+                unreachable!("no stored integers in {:?}", Self::DTYPE)
+            }
         }
 
         struct BF32;
@@ -399,6 +413,13 @@ macro_rules! simd_kernels {
             unsafe fn load(p: *const u8, s: &Scales, j: usize) -> [V; NB] {
                 blk_q4_0(p, s, j)
             }
+            const RAW: bool = true;
+            const OFFSET: bool = true;
+            $(#[$attr])*
+            #[inline]
+            unsafe fn raw(p: *const u8) -> [V; NB] {
+                raw_q4(p.add(2))
+            }
         }
         impl Block for BQ4_1 {
             const DTYPE: DType = DType::Q4_1;
@@ -412,6 +433,13 @@ macro_rules! simd_kernels {
             #[inline]
             unsafe fn load(p: *const u8, s: &Scales, j: usize) -> [V; NB] {
                 blk_q4_1(p, s, j)
+            }
+            const RAW: bool = true;
+            const OFFSET: bool = true;
+            $(#[$attr])*
+            #[inline]
+            unsafe fn raw(p: *const u8) -> [V; NB] {
+                raw_q4(p.add(4))
             }
         }
 
@@ -449,12 +477,119 @@ macro_rules! simd_kernels {
                 let tn = (n - t0).min(4);
                 let (x, o) = (x.add(t0 * cols), o.add(t0));
                 match tn {
+                    1 if RAW_T1 && B::RAW => raw_rows::<B>(w, rb, rows, cols, x, o, n),
                     1 => fused_rows::<B, { FUSED_R[0] }, 1, { FUSED_A[0] }>(w, rb, rows, cols, x, o, n),
                     2 => fused_rows::<B, { FUSED_R[1] }, 2, { FUSED_A[1] }>(w, rb, rows, cols, x, o, n),
                     3 => fused_rows::<B, { FUSED_R[2] }, 3, { FUSED_A[2] }>(w, rb, rows, cols, x, o, n),
                     _ => fused_rows::<B, { FUSED_R[3] }, 4, { FUSED_A[3] }>(w, rb, rows, cols, x, o, n),
                 }
                 t0 += tn;
+            }
+        }
+
+        /// One token against all rows of a format with stored integers, RAW_R rows at a time.
+        /// The activations' block sums (for the offsets) are taken once here for every row.
+        $(#[$attr])*
+        #[inline]
+        unsafe fn raw_rows<B: Block>(
+            w: *const u8,
+            rb: usize,
+            rows: usize,
+            cols: usize,
+            x: *const f32,
+            out: *mut f32,
+            ld: usize,
+        ) {
+            let nb = cols / 32;
+            // Zero past the last block, so whole groups of SCALE_GROUP blocks can be read.
+            let mut sx = vec![0f32; nb.div_ceil(SCALE_GROUP) * SCALE_GROUP];
+            if B::OFFSET {
+                for (b, s) in sx[..nb].iter_mut().enumerate() {
+                    let mut v = loadu(x.add(b * 32));
+                    for i in 1..NB {
+                        v = add(v, loadu(x.add(b * 32 + i * LANES)));
+                    }
+                    *s = hsum(v);
+                }
+            }
+            let sx = sx.as_ptr();
+            let mut r = 0;
+            while r + RAW_R <= rows {
+                raw::<B, RAW_R>(w.add(r * rb), rb, cols, x, sx, out.add(r * ld), ld);
+                r += RAW_R;
+            }
+            while r < rows {
+                raw::<B, 1>(w.add(r * rb), rb, cols, x, sx, out.add(r * ld), ld);
+                r += 1;
+            }
+        }
+
+        /// R rows of a format with stored integers against one token: per block, the dot
+        /// product of the stored integers with the activations, then one multiply-add by the
+        /// block's scale; the offsets (Q4's `o` per block) add `Σ_b o_b · Σ x over block b`
+        /// (`sx`). Five multiplies per block and row where dequantizing each value first
+        /// takes eight, and the same sum up to rounding (accumulated in f32 throughout).
+        $(#[$attr])*
+        #[inline]
+        unsafe fn raw<B: Block, const R: usize>(
+            w: *const u8,
+            rb: usize,
+            cols: usize,
+            x: *const f32,
+            sx: *const f32,
+            out: *mut f32,
+            ld: usize,
+        ) {
+            let nb = cols / 32;
+            let mut acc = [[zero(); 2]; R];
+            let mut offv = [zero(); R];
+            let mut offs = [0f32; R];
+            let mut s = [Scales::ZERO; R];
+            let mut g0 = 0;
+            while g0 < nb {
+                let g = (nb - g0).min(SCALE_GROUP);
+                for r in 0..R {
+                    B::scales(w.add(r * rb + g0 * B::BYTES), g, &mut s[r]);
+                }
+                for j in 0..g {
+                    let b = g0 + j;
+                    let mut xv = [zero(); NB];
+                    for i in 0..NB {
+                        xv[i] = loadu(x.add(b * 32 + i * LANES));
+                    }
+                    for r in 0..R {
+                        let p = w.add(r * rb + b * B::BYTES);
+                        prefetch(p.wrapping_add(PREFETCH_GROUPS * R * rb));
+                        let q = B::raw(p);
+                        // Two chains, so no multiply waits on the one before.
+                        let mut t = [mul(q[0], xv[0]), mul(q[1], xv[1])];
+                        // (Empty where NB = 2, AVX-512.)
+                        #[allow(clippy::reversed_empty_ranges)]
+                        for i in 2..NB {
+                            t[i % 2] = fma(q[i], xv[i], t[i % 2]);
+                        }
+                        acc[r][j % 2] = fma(add(t[0], t[1]), splat(s[r].d[j]), acc[r][j % 2]);
+                    }
+                }
+                if B::OFFSET {
+                    for r in 0..R {
+                        if g == SCALE_GROUP {
+                            for k in 0..SCALE_GROUP / LANES {
+                                let o = loadu(s[r].o.as_ptr().add(k * LANES));
+                                offv[r] = fma(o, loadu(sx.add(g0 + k * LANES)), offv[r]);
+                            }
+                        } else {
+                            for j in 0..g {
+                                offs[r] += s[r].o[j] * *sx.add(g0 + j);
+                            }
+                        }
+                    }
+                }
+                g0 += g;
+            }
+            for r in 0..R {
+                let v = add(add(acc[r][0], acc[r][1]), offv[r]);
+                *out.add(r * ld) = hsum(v) + offs[r];
             }
         }
 

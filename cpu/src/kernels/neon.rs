@@ -17,6 +17,9 @@ const PANEL_R: usize = 4;
 const PANEL_T: usize = 4;
 const FUSED_R: [usize; 4] = [2, 1, 1, 1];
 const FUSED_A: [usize; 4] = [4, 2, 2, 2];
+// The dequantizing kernel at one token too (the stored-integer one is unmeasured here).
+const RAW_T1: bool = false;
+const RAW_R: usize = 1;
 
 #[inline]
 #[target_feature(enable = "neon")]
@@ -37,6 +40,11 @@ unsafe fn fma(a: V, b: V, c: V) -> V {
 #[target_feature(enable = "neon")]
 unsafe fn add(a: V, b: V) -> V {
     vaddq_f32(a, b)
+}
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn mul(a: V, b: V) -> V {
+    vmulq_f32(a, b)
 }
 #[inline]
 #[target_feature(enable = "neon")]
@@ -163,6 +171,11 @@ unsafe fn scales_q4_0(p: *const u8, n: usize, s: &mut Scales) {
 #[target_feature(enable = "neon")]
 unsafe fn scales_q4_1(p: *const u8, n: usize, s: &mut Scales) {
     s.fill_portable(p, 20, n, true)
+}
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn raw_q4(q: *const u8) -> [V; NB] {
+    nibbles(q)
 }
 #[inline]
 #[target_feature(enable = "neon")]

@@ -17,6 +17,9 @@ const PANEL_R: usize = 2;
 const PANEL_T: usize = 4;
 const FUSED_R: [usize; 4] = [2, 1, 1, 1];
 const FUSED_A: [usize; 4] = [2, 2, 2, 2];
+// The dequantizing kernel at one token too (the stored-integer one is unmeasured here).
+const RAW_T1: bool = false;
+const RAW_R: usize = 1;
 
 #[inline]
 unsafe fn zero() -> V {
@@ -33,6 +36,10 @@ unsafe fn fma(a: V, b: V, c: V) -> V {
 #[inline]
 unsafe fn add(a: V, b: V) -> V {
     f32x4_add(a, b)
+}
+#[inline]
+unsafe fn mul(a: V, b: V) -> V {
+    f32x4_mul(a, b)
 }
 #[inline]
 unsafe fn loadu(p: *const f32) -> V {
@@ -132,6 +139,10 @@ unsafe fn scales_q4_0(p: *const u8, n: usize, s: &mut Scales) {
 #[inline]
 unsafe fn scales_q4_1(p: *const u8, n: usize, s: &mut Scales) {
     s.fill_portable(p, 20, n, true)
+}
+#[inline]
+unsafe fn raw_q4(q: *const u8) -> [V; NB] {
+    nibbles(q)
 }
 #[inline]
 unsafe fn blk_q8_0(p: *const u8, s: &Scales, j: usize) -> [V; NB] {

@@ -33,6 +33,9 @@ pub(super) mod avx512 {
     // T = 4; 4 rows beat 2 by about a tenth there, fewer activation loads per block).
     const FUSED_R: [usize; 4] = [4, 4, 4, 4];
     const FUSED_A: [usize; 4] = [2, 1, 1, 1];
+    // The dequantizing kernel at one token too (the stored-integer one is unmeasured here).
+    const RAW_T1: bool = false;
+    const RAW_R: usize = 1;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
@@ -53,6 +56,11 @@ pub(super) mod avx512 {
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn add(a: V, b: V) -> V {
         _mm512_add_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn mul(a: V, b: V) -> V {
+        _mm512_mul_ps(a, b)
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
@@ -185,6 +193,16 @@ pub(super) mod avx512 {
         let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(18).cast())));
         [_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d)]
     }
+    /// 16 nibble bytes → values 0..16 (low nibbles), 16..32 (high), unscaled.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn raw_q4(q: *const u8) -> [V; NB] {
+        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.cast()));
+        [
+            _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))),
+            _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)),
+        ]
+    }
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn blk_q4_0(p: *const u8, s: &Scales, j: usize) -> [V; NB] {
@@ -214,6 +232,10 @@ pub(super) mod avx2 {
     // 16 registers: two rows for one token, else one row (activations read from L1).
     const FUSED_R: [usize; 4] = [2, 1, 1, 1];
     const FUSED_A: [usize; 4] = [2, 2, 2, 2];
+    // One token: the stored-integer kernel (block scale applied to a sum), four rows at a
+    // time: 5% faster than dequantizing two rows (Q4_1, 1 536 × 576, interleaved runs).
+    const RAW_T1: bool = true;
+    const RAW_R: usize = 4;
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -234,6 +256,11 @@ pub(super) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn add(a: V, b: V) -> V {
         _mm256_add_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn mul(a: V, b: V) -> V {
+        _mm256_mul_ps(a, b)
     }
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -376,6 +403,11 @@ pub(super) mod avx2 {
     unsafe fn q8x8(q: *const u8, d: V) -> V {
         let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.cast()));
         _mm256_mul_ps(_mm256_cvtepi32_ps(v), d)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn raw_q4(q: *const u8) -> [V; NB] {
+        nibbles(q)
     }
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
