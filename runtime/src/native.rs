@@ -618,8 +618,14 @@ pub fn run_node_blocking(
     stop: impl std::future::Future<Output = ()> + 'static,
 ) -> Result<(), String> {
     large_allocations_mapped();
+    // The threads that move frames and answer pings (the runtime's, and this one, which
+    // runs the session) wake promptly; the compute thread keeps the default slice.
+    mdi_transport::wakeups::wake_promptly();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(|| {
+            mdi_transport::wakeups::wake_promptly();
+        })
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;

@@ -21,6 +21,8 @@ mod link;
 #[cfg(not(target_family = "wasm"))]
 pub mod shaping;
 #[cfg(not(target_family = "wasm"))]
+pub mod wakeups;
+#[cfg(not(target_family = "wasm"))]
 pub mod webrtc;
 
 pub use error::{Error, Result};

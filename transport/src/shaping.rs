@@ -55,6 +55,8 @@ pub fn delayed(inbox: Inbox, delay: Duration) -> std::io::Result<Inbox> {
     std::thread::Builder::new()
         .name("delay-line".into())
         .spawn(move || {
+            // A message due now waits for nothing but this thread's wake-up.
+            crate::wakeups::wake_promptly();
             for (arrived, m) in line {
                 let (due, now) = (arrived + delay, Instant::now());
                 if due > now {
