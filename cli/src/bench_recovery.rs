@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::bench::Row;
 use crate::bench_api::{get_ring, sibling, start_server, Killed, QUESTIONS};
+use crate::ring::percentile;
 
 /// How to run the recovery benchmark.
 pub struct RecoveryBench {
@@ -141,14 +142,6 @@ pub fn downloaded_since(before: &Value, after: &Value) -> u64 {
 
 fn counter(ring: &Value, key: &str) -> u64 {
     ring["sequences"]["recovery"][key].as_u64().unwrap_or(0)
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Removes the nodes' cache directories at the end.
@@ -288,8 +281,8 @@ pub fn run(b: &RecoveryBench) -> Result<Vec<Row>> {
             on: on.clone(),
             value: format!(
                 "p50 {:.0} ms, worst {:.0} ms",
-                percentile(&mut ready_ms, 0.5),
-                percentile(&mut ready_ms, 1.0)
+                percentile(&ready_ms, 0.5).unwrap_or(f64::NAN),
+                percentile(&ready_ms, 1.0).unwrap_or(f64::NAN)
             ),
             bound: "detection + re-plan + downloads + links".into(),
             ok: None,
@@ -299,8 +292,8 @@ pub fn run(b: &RecoveryBench) -> Result<Vec<Row>> {
             on: on.clone(),
             value: format!(
                 "p50 {:.0} ms, worst {:.0} ms",
-                percentile(&mut token_ms, 0.5),
-                percentile(&mut token_ms, 1.0)
+                percentile(&token_ms, 0.5).unwrap_or(f64::NAN),
+                percentile(&token_ms, 1.0).unwrap_or(f64::NAN)
             ),
             bound: "+ replaying prompt and answer so far".into(),
             ok: None,
