@@ -15,7 +15,8 @@ fn main() {
     let dtype = match args.get(1).map(|s| s.as_str()).unwrap_or("q4_1") {
         "q8_0" => DType::Q8_0,
         "q4_0" => DType::Q4_0,
-        _ => DType::Q4_1,
+        "q4_1" => DType::Q4_1,
+        other => panic!("format {other:?}: one of q4_1, q4_0, q8_0"),
     };
     let block = dtype.bytes_for(32).expect("a block format");
     let rows: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1536);
@@ -23,7 +24,9 @@ fn main() {
     let mats: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
     let k = Kernels::best();
     println!("kernels: {}", k.isa());
-    let rb = dtype.bytes_for(cols).unwrap();
+    let rb = dtype
+        .bytes_for(cols)
+        .expect("COLS a whole number of 32-value blocks");
     let mut seed = 12345u64;
     let mut rnd = || {
         seed = seed
@@ -63,7 +66,7 @@ fn main() {
         }
         let bytes = (rb * rows) as f64;
         println!(
-            "{dtype} {rows}x{cols} mats={mats} T={t}: {:.1} us/mat, {:.2} GB/s, {:.2} ns/rowblock",
+            "{dtype} {rows}x{cols} ×{mats}, {t} token(s): {:.1} µs per matrix, {:.2} GB/s, {:.2} ns per row and block",
             best * 1e6,
             bytes / best / 1e9,
             best * 1e9 / (rows * cols / 32) as f64
