@@ -37,10 +37,11 @@ fn simd_sets() -> Vec<Kernels> {
     sets
 }
 
-/// Columns to try for a format: whole blocks for the block formats, odd counts for floats.
+/// Columns to try for a format: whole blocks for the block formats (up to 257 blocks, past
+/// what the one-token Q4 kernel keeps on the stack), odd counts for floats.
 fn col_sizes(dtype: DType) -> Vec<usize> {
     if dtype.is_quantized() {
-        vec![32, 96, 160, 576]
+        vec![32, 96, 160, 576, 8224]
     } else {
         vec![1, 7, 33, 67, 131]
     }

@@ -824,9 +824,6 @@ mod tests {
         assert_eq!(Batching::greedy().share(1, 8), 8);
     }
 
-    /// Records each step's batch size and holds the step until the test lets it finish;
-    /// outputs are hidden rows of zeros (no cache comes back: the node ends those
-    /// sequences, which these tests do not look at).
     /// A one-job batch's result, for test engines that implement only batches.
     fn one_of(
         mut batch: LocalBoxFuture<'static, Vec<RuntimeDone>>,
@@ -834,6 +831,9 @@ mod tests {
         Box::pin(async move { batch.as_mut().await.pop().expect("one job, one result") })
     }
 
+    /// Records each step's batch size and holds the step until the test lets it finish;
+    /// outputs are hidden rows of zeros (no cache comes back: the node ends those
+    /// sequences, which these tests do not look at).
     struct Gate {
         sizes: std::rc::Rc<std::cell::RefCell<Vec<usize>>>,
         open: std::rc::Rc<std::cell::Cell<usize>>,

@@ -544,7 +544,12 @@ mod threaded {
             let spawned = std::thread::Builder::new()
                 .name(thread_name)
                 .spawn(move || {
-                    lower_priority();
+                    if !mdi_transport::wakeups::yield_to_frames() {
+                        tracing::debug!(
+                            "the compute thread keeps its priority: {}",
+                            std::io::Error::last_os_error()
+                        );
+                    }
                     let mut engine = engine;
                     let mut caches = Caches::new();
                     // Ends when the executor is dropped (the thread's own cache owner keeps a
@@ -639,31 +644,3 @@ mod threaded {
         }
     }
 }
-
-/// The compute thread yields the CPU to the node's I/O threads (frames in and out, pings):
-/// on a device with little CPU, or under a quota, a frame that arrives during a step would
-/// otherwise wait for the step's time slice, and every hop of the ring would be that much
-/// later. A lower priority costs the engine nothing when nothing else wants the CPU.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn lower_priority() {
-    // Linux keeps a nice value per thread: this sets only the calling thread's.
-    // SAFETY: plain system calls on the calling thread, no memory passed.
-    let r = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, ENGINE_NICE)
-    };
-    if r != 0 {
-        tracing::debug!(
-            "the compute thread keeps its priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-// Elsewhere the thread keeps its priority (wasm has no compute thread).
-#[cfg(not(any(all(target_os = "linux", target_env = "gnu"), target_family = "wasm")))]
-fn lower_priority() {}
-
-/// The compute thread's nice value.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const ENGINE_NICE: libc::c_int = 10;

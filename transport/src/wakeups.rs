@@ -1,4 +1,5 @@
-//! Prompt wake-ups for the threads that move frames.
+//! Prompt wake-ups for the threads that move frames, and the compute thread that yields to
+//! them.
 //!
 //! A frame that arrives while the CPU runs something else waits until the scheduler lets its
 //! thread run. Linux (6.12 and later, EEVDF) lets a thread ask for a shorter time slice: it
@@ -7,6 +8,11 @@
 //! The thread's share of the CPU is unchanged (a quota still counts all of its time); only
 //! how long a woken frame waits. Threads it starts (a compute thread, an engine's pool) get
 //! the default slice back. Older kernels ignore the request for ordinary threads.
+//!
+//! The compute thread also runs at a lower priority ([`yield_to_frames`]), so the threads that
+//! receive frames, answer pings and forward activations preempt a step on a device with little
+//! CPU, or under a quota, instead of waiting for its time slice. A lower priority costs the
+//! engine nothing when nothing else wants the CPU.
 
 /// The slice asked for: the kernel's shortest (0.1 ms).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -50,6 +56,27 @@ pub fn wake_promptly() -> bool {
 /// Elsewhere threads keep the scheduler's defaults.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn wake_promptly() -> bool {
+    false
+}
+
+/// The compute thread's nice value.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const COMPUTE_NICE: libc::c_int = 10;
+
+/// Lowers the calling (compute) thread's priority to nice 10 (see the module); Linux keeps a
+/// nice value per thread, so only this thread's changes. Returns whether it did.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn yield_to_frames() -> bool {
+    // SAFETY: plain system calls on the calling thread, no memory passed.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, COMPUTE_NICE) == 0
+    }
+}
+
+/// Elsewhere the thread keeps its priority.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn yield_to_frames() -> bool {
     false
 }
 
@@ -101,5 +128,22 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn the_compute_thread_runs_at_nice_10_and_others_keep_theirs() {
+        let nice = || {
+            // SAFETY: as in `wake_promptly`.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::getpriority(libc::PRIO_PROCESS, tid)
+            }
+        };
+        let before = nice();
+        let compute = std::thread::spawn(move || (yield_to_frames(), nice()))
+            .join()
+            .unwrap();
+        assert_eq!(compute, (true, COMPUTE_NICE));
+        assert_eq!(nice(), before);
     }
 }

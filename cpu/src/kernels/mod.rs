@@ -501,8 +501,16 @@ macro_rules! simd_kernels {
             ld: usize,
         ) {
             let nb = cols / 32;
-            // Zero past the last block, so whole groups of SCALE_GROUP blocks can be read.
-            let mut sx = vec![0f32; nb.div_ceil(SCALE_GROUP) * SCALE_GROUP];
+            // Zero past the last block, so whole groups of SCALE_GROUP blocks can be read; on
+            // the stack up to rows of 8 192 values (this runs for every matrix of every token).
+            let pad = nb.div_ceil(SCALE_GROUP) * SCALE_GROUP;
+            let (mut stack, mut heap) = ([0f32; 256], Vec::new());
+            let sx: &mut [f32] = if pad <= stack.len() {
+                &mut stack[..pad]
+            } else {
+                heap.resize(pad, 0.0);
+                &mut heap
+            };
             if B::OFFSET {
                 for (b, s) in sx[..nb].iter_mut().enumerate() {
                     let mut v = loadu(x.add(b * 32));
