@@ -4,7 +4,9 @@
 # headless Chromium, on its WebGPU adapter (SwiftShader without a GPU: no shader-f16, at most 256
 # invocations per workgroup), with wasm-bindgen-test-runner driving Chromium via chromedriver.
 # The same test bodies run natively in scripts/test.sh. A missing WebGPU adapter fails the tests.
-# Extra arguments go to the test harness (e.g. `--nocapture`, or a test-name filter).
+# Extra arguments go to the GPU tests' harness (e.g. `--nocapture`, or a test-name filter).
+# Then the CPU engine's kernel tests (cpu/tests/kernels_match_scalar_and_oracle.rs) compiled to
+# wasm32, with and without simd128, run in Node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -27,3 +29,21 @@ if [ "$(grep -Ec 'test result: ok\. [1-9][0-9]* passed' "$log")" -lt 2 ]; then
   echo "test-browser: no kernel test ran in the browser" >&2
   exit 1
 fi
+
+# The CPU engine's kernel tests compiled to wasm32 and run in Node: with simd128 (the kernels
+# of the page's SIMD bundle, in the target folder `npm run build` uses for it) and without (the
+# plain bundle's scalar kernels). The simd128 run fails if that set is not the one chosen.
+for simd in yes no; do
+  if [ "$simd" = yes ]; then
+    export CARGO_TARGET_DIR=target/wasm-simd RUSTFLAGS="-C target-feature=+simd128"
+  else
+    unset CARGO_TARGET_DIR RUSTFLAGS
+  fi
+  cargo test -p mdi-cpu --target wasm32-unknown-unknown --release \
+    --test kernels_match_scalar_and_oracle 2>&1 | tee "$log"
+  if ! grep -Eq 'test result: ok\. [1-9][0-9]* passed' "$log"; then
+    echo "test-browser: no CPU kernel test ran in wasm32 (simd128: $simd)" >&2
+    exit 1
+  fi
+done
+unset CARGO_TARGET_DIR RUSTFLAGS

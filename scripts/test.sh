@@ -12,7 +12,8 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "${XDG_RUNTIME_DIR}" ]; then
   export XDG_RUNTIME_DIR
 fi
 cargo test --workspace --release "$@"
-# The same GPU kernel and engine tests again, compiled to wasm32, in headless Chromium's WebGPU.
+# The same GPU kernel and engine tests again, compiled to wasm32, in headless Chromium's WebGPU;
+# the CPU kernel tests compiled to wasm32 (with and without simd128) in Node.
 scripts/test-browser.sh
 # Browser nodes end to end: the tab's wasm bundle, then rings of headless Chromium tabs and
 # native nodes (binaries from the cargo test run above).

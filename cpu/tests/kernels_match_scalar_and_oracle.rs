@@ -4,6 +4,10 @@
 //! both the in-register and the panel paths), row dequantization, dot products and grouped
 //! attention, on fresh random inputs with odd sizes. A wrong nibble order, a lost tail, a
 //! mis-strided tile or a softmax over the wrong span fails here. The seed is printed.
+//!
+//! The same tests run compiled to wasm32 in Node (`scripts/test-browser.sh`): built with
+//! `simd128` they check the simd128 kernels a browser node runs, and fail if that set is
+//! missing; built without, the scalar path a browser without SIMD falls back to.
 
 use anyhow::{ensure, Result};
 use mdi_core::oracle::{matmul, Mat};
@@ -13,11 +17,28 @@ use mdi_core::DType;
 use mdi_cpu::kernels::row_bytes;
 use mdi_cpu::Kernels;
 
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+/// Progress lines: stderr natively, the runner's console on wasm32.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        #[cfg(not(target_arch = "wasm32"))]
+        eprintln!($($t)*);
+        #[cfg(target_arch = "wasm32")]
+        wasm_bindgen_test::console_log!($($t)*);
+    }};
+}
+
 fn seed() -> u64 {
+    #[cfg(not(target_arch = "wasm32"))]
     let s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
-    eprintln!("seed {s}");
+    // wasm32-unknown-unknown has no clock of its own: the host's, in microseconds.
+    #[cfg(target_arch = "wasm32")]
+    let s = (js_sys::Date::now() * 1000.0) as u64;
+    note!("seed {s}");
     s
 }
 
@@ -30,9 +51,16 @@ fn simd_sets() -> Vec<Kernels> {
         .into_iter()
         .filter(|k| *k != Kernels::scalar())
         .collect();
-    eprintln!(
+    note!(
         "SIMD sets on this machine: {:?}",
         sets.iter().map(|k| k.isa().name()).collect::<Vec<_>>()
+    );
+    // A module built with simd128 must run the simd128 kernels (else this file would test
+    // only the scalar path and pass).
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    assert_eq!(
+        sets.iter().map(|k| k.isa()).collect::<Vec<_>>(),
+        [mdi_cpu::Isa::Simd128]
     );
     sets
 }
