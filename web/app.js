@@ -126,6 +126,30 @@ async function unlockLoopbackCandidates() {
   }
 }
 
+// The smallest module using a SIMD instruction (i32x4.splat): it validates only where the
+// browser has WebAssembly SIMD (Chrome 91, Firefox 89, Safari 16.4 and later).
+const SIMD_PROBE = new Uint8Array([
+  0, 97, 115, 109, 1, 0, 0, 0, 1, 4, 1, 96, 0, 0, 3, 2, 1, 0, 10, 9, 1, 7, 0, 65, 0, 253, 17, 26, 11,
+]);
+
+// The node bundle built with SIMD kernels where the browser runs them, else the plain one
+// (`?simd=0` forces the plain one, to compare the two).
+async function loadBundle() {
+  const simd = params.get("simd") !== "0" && WebAssembly.validate(SIMD_PROBE);
+  if (simd) {
+    try {
+      const m = await import("/web/pkg-simd/node_wasm.js");
+      await m.default();
+      return m;
+    } catch (e) {
+      console.warn(`no SIMD bundle (${e.message}); loading the plain one`);
+    }
+  }
+  const m = await import("/web/pkg/node_wasm.js");
+  await m.default();
+  return m;
+}
+
 async function startNode() {
   const name = params.get("name") || `tab-${Math.floor(Math.random() * 65536).toString(16)}`;
   myName = name;
@@ -137,8 +161,7 @@ async function startNode() {
   }
   let wasm;
   try {
-    wasm = await import("/web/pkg/node_wasm.js");
-    await wasm.default();
+    wasm = await loadBundle();
   } catch (e) {
     showError("the browser node is not built on this server (run `npm run build`): " + e.message);
     return;

@@ -128,6 +128,12 @@ impl BrowserPlatform {
     }
 }
 
+/// The CPU engine's kernels in this bundle: simd128 where the page loaded the SIMD build
+/// (a browser with WebAssembly SIMD), else scalar.
+fn cpu_description() -> String {
+    format!("wasm CPU engine, {}", mdi_cpu::Kernels::best().isa())
+}
+
 fn describe(ctx: &GpuContext) -> String {
     let i = &ctx.info;
     let parts: Vec<&str> = [i.name.as_str(), i.driver.as_str(), i.driver_info.as_str()]
@@ -345,11 +351,17 @@ impl Platform for BrowserPlatform {
                                  backend=gpu to join as a CPU node"
                         .into()),
                 },
+                // As natively: a software adapter (the browser's fallback, SwiftShader in
+                // Chromium) is slower than the CPU engine on the same cores.
                 Backend::Auto => match self.gpu().await {
-                    Some(ctx) => Ok((Backend::Gpu, describe(&ctx))),
-                    None => Ok((Backend::Cpu, "wasm CPU engine (no WebGPU)".into())),
+                    Some(ctx) if !ctx.is_cpu() => Ok((Backend::Gpu, describe(&ctx))),
+                    Some(_) => Ok((
+                        Backend::Cpu,
+                        format!("{} (WebGPU is a software fallback)", cpu_description()),
+                    )),
+                    None => Ok((Backend::Cpu, format!("{} (no WebGPU)", cpu_description()))),
                 },
-                Backend::Cpu => Ok((Backend::Cpu, "wasm CPU engine".into())),
+                Backend::Cpu => Ok((Backend::Cpu, cpu_description())),
                 Backend::Oracle => Ok((Backend::Oracle, "wasm CPU oracle".into())),
             }
         })

@@ -131,6 +131,12 @@ fn run(args: Args) -> Result<()> {
                 "{}: no browser node bundle (pkg/); build it with `npm run build` so tabs can join",
                 web.display()
             );
+        } else if !web.join("pkg-simd/node_wasm.js").is_file() {
+            tracing::warn!(
+                "{}: no SIMD bundle (pkg-simd/): tabs without WebGPU run the scalar CPU kernels; \
+                 build both with `npm run build`",
+                web.display()
+            );
         }
         state.web_dir = Some(web);
     } else {

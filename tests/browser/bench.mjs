@@ -1,5 +1,6 @@
 // Benchmark: decode speed of a ring of three native nodes, a mixed ring (one native node and
-// two tabs) and a tabs-only ring on this machine, side by side, with per-node bytes downloaded
+// two tabs), a tabs-only ring on WebGPU and tabs-only rings on the wasm CPU engine (SIMD and
+// plain bundles) on this machine, side by side, with per-node bytes downloaded
 // and the bytes each engine holds (GPU buffers for the tabs). Prints a table.
 //
 //   npm run bench:browser            (needs what `npm run test:browser` needs)
@@ -31,7 +32,7 @@ async function measure(label, setup) {
   for (const n of r.nodes) {
     rows.push([
       label,
-      `${n.name} (${n.kind}, ${n.backend}) layers ${n.layers[0]}–${n.layers[1]}`,
+      `${n.name} (${n.kind}, ${n.backend === "cpu" ? n.adapter : n.backend}) layers ${n.layers[0]}–${n.layers[1]}`,
       `downloaded ${(n.downloaded_bytes / 1e6).toFixed(1)} MB`,
       `engine holds ${(n.weight_bytes / 1e6).toFixed(1)} MB weights + ${(n.kv_bytes / 1e6).toFixed(1)} MB KV` +
         (n.rss_bytes ? `, RSS ${(n.rss_bytes / 1e6).toFixed(0)} MB` : ""),
@@ -52,6 +53,16 @@ await measure("1 native + 2 tabs (WebGPU)", async (url) => {
 await measure("3 tabs (WebGPU)", async (url) => {
   for (let i = 1; i <= 3; i++) await openTab(url, `tab-${i}`);
 });
+// Tabs without WebGPU: the wasm CPU engine of the SIMD bundle, then of the plain one (what a
+// browser without WebAssembly SIMD loads).
+for (const [label, extra] of [["3 tabs (CPU, simd128)", ""], ["3 tabs (CPU, scalar)", "&simd=0"]]) {
+  await measure(label, async (url) => {
+    for (let i = 1; i <= 3; i++) {
+      const name = `cpu-${i}`;
+      await openTab(url, name, { href: `${url}/?room=default&token=${TOKEN}&name=${name}&memory=2G&backend=cpu${extra}` });
+    }
+  });
+}
 
 const widths = [0, 1, 2, 3].map((i) => Math.max(...rows.map((r) => r[i].length), 4));
 const line = (r) => "| " + r.map((c, i) => c.padEnd(widths[i])).join(" | ") + " |";

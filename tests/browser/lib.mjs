@@ -160,7 +160,9 @@ export async function openTab(url, name, opts = {}) {
     if (m.type() === "error") consoleErrors.push(`${name}: ${m.text()}`);
   });
   page.on("pageerror", (e) => consoleErrors.push(`${name}: ${e.message}`));
-  await page.goto(opts.href ?? `${url}/?room=default&token=${TOKEN}&name=${name}&memory=2G`);
+  // WebGPU unless asked otherwise: `auto` would take the CPU engine on a software adapter
+  // (SwiftShader here), and these tabs stand for devices with a GPU.
+  await page.goto(opts.href ?? `${url}/?room=default&token=${TOKEN}&name=${name}&memory=2G&backend=gpu`);
   return { browser, page, name };
 }
 

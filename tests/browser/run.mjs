@@ -8,7 +8,12 @@
 //    without it and both streams complete with their undisturbed greedy answers.
 // 2. 3 tabs and no native node (a tab is the starter): the page's chat box and the API both
 //    give the single-node greedy answer; a reloaded tab takes its layers from its cache.
-// 3. No console errors on any page during the runs.
+// 3. Tabs on the wasm CPU engine: one with `backend=auto`, which takes the CPU engine exactly
+//    when the browser's WebGPU adapter is a software fallback (SwiftShader here), from the SIMD
+//    bundle (its node reports simd128 kernels); one with `backend=cpu&simd=0`, the plain bundle
+//    (scalar kernels, as a browser without WebAssembly SIMD). The ring's answer equals the
+//    single-node one.
+// 4. No console errors on any page during the runs.
 //
 // Needs target/release/{signaling,mdi} (`cargo build --release -p signaling -p mdi`), the
 // wasm bundle (`npm run build`), Chromium at /usr/bin/chromium and `npm install`.
@@ -90,6 +95,35 @@ const t0 = Date.now();
   assert.equal(t2.downloaded_bytes, total - cached, "only what was not cached came from the server");
   assert.equal(await apiAnswer(url, QUESTION), expected);
   console.log(`tabs-only ring: ok (${((Date.now() - t0) / 1000).toFixed(0)} s)`);
+  await closeAll();
+}
+
+// ---- 3. CPU tabs: the SIMD and the plain bundle.
+{
+  const { url } = await startServer(["--model", model, "--token", TOKEN, "--min-nodes", "3", "--wire", "f32"]);
+  const page = (name, extra) => `${url}/?room=default&token=${TOKEN}&name=${name}&memory=2G${extra}`;
+  const auto = await openTab(url, "cpu-simd", { href: page("cpu-simd", "&backend=auto") });
+  await openTab(url, "cpu-plain", { href: page("cpu-plain", "&backend=cpu&simd=0") });
+  startNode(url, "native-1");
+  const r = await waitReady(url, 3);
+  const tab = (name) => r.nodes.find((n) => n.name === name);
+  const fallback = await auto.page.evaluate(async () => {
+    const a = await navigator.gpu?.requestAdapter();
+    return !a || a.info.isFallbackAdapter;
+  });
+  assert.equal(tab("cpu-simd")?.backend, fallback ? "cpu" : "gpu", `auto with a fallback adapter: ${fallback}`);
+  for (const [name, isa] of [["cpu-simd", "simd128"], ["cpu-plain", "scalar"]]) {
+    const n = tab(name);
+    if (n?.backend === "gpu") continue; // auto on a hardware adapter
+    assert.ok(n && n.kind === "browser" && n.backend === "cpu", `${name} is a CPU node: ${JSON.stringify(n)}`);
+    assert.ok(n.adapter.includes(isa), `${name} runs the ${isa} kernels: ${n.adapter}`);
+  }
+  await checkDownloads(url, r);
+  assert.equal(await apiAnswer(url, QUESTION), expected);
+  console.log(
+    `CPU tabs (${tab("cpu-simd").adapter}; ${tab("cpu-plain").adapter}): ok ` +
+      `(${((Date.now() - t0) / 1000).toFixed(0)} s)`,
+  );
   await closeAll();
 }
 
