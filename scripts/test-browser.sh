@@ -34,14 +34,12 @@ fi
 # of the page's SIMD bundle, in the target folder `npm run build` uses for it) and without (the
 # plain bundle's scalar kernels). The simd128 run fails if that set is not the one chosen.
 for simd in yes no; do
+  flags=()
   if [ "$simd" = yes ]; then
-    CARGO_TARGET_DIR="$PWD/target/wasm-simd" RUSTFLAGS="-C target-feature=+simd128" \
-      cargo test -p mdi-cpu --target wasm32-unknown-unknown --release \
-      --test kernels_match_scalar_and_oracle 2>&1 | tee "$log"
-  else
-    cargo test -p mdi-cpu --target wasm32-unknown-unknown --release \
-      --test kernels_match_scalar_and_oracle 2>&1 | tee "$log"
+    flags=(CARGO_TARGET_DIR="$PWD/target/wasm-simd" RUSTFLAGS="-C target-feature=+simd128")
   fi
+  env "${flags[@]}" cargo test -p mdi-cpu --target wasm32-unknown-unknown --release \
+    --test kernels_match_scalar_and_oracle 2>&1 | tee "$log"
   if ! grep -Eq 'test result: ok\. [1-9][0-9]* passed' "$log"; then
     echo "test-browser: no CPU kernel test ran in wasm32 (simd128: $simd)" >&2
     exit 1

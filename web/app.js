@@ -135,19 +135,19 @@ const SIMD_PROBE = new Uint8Array([
 // The node bundle built with SIMD kernels where the browser runs them, else the plain one
 // (`?simd=0` forces the plain one, to compare the two).
 async function loadBundle() {
-  const simd = params.get("simd") !== "0" && WebAssembly.validate(SIMD_PROBE);
-  if (simd) {
+  const load = async (path) => {
+    const m = await import(path);
+    await m.default();
+    return m;
+  };
+  if (params.get("simd") !== "0" && WebAssembly.validate(SIMD_PROBE)) {
     try {
-      const m = await import("/web/pkg-simd/node_wasm.js");
-      await m.default();
-      return m;
+      return await load("/web/pkg-simd/node_wasm.js");
     } catch (e) {
       console.warn(`no SIMD bundle (${e.message}); loading the plain one`);
     }
   }
-  const m = await import("/web/pkg/node_wasm.js");
-  await m.default();
-  return m;
+  return load("/web/pkg/node_wasm.js");
 }
 
 async function startNode() {

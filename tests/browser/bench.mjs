@@ -55,12 +55,9 @@ await measure("3 tabs (WebGPU)", async (url) => {
 });
 // Tabs without WebGPU: the wasm CPU engine of the SIMD bundle, then of the plain one (what a
 // browser without WebAssembly SIMD loads).
-for (const [label, extra] of [["3 tabs (CPU, simd128)", ""], ["3 tabs (CPU, scalar)", "&simd=0"]]) {
+for (const [label, simd] of [["3 tabs (CPU, simd128)", true], ["3 tabs (CPU, scalar)", false]]) {
   await measure(label, async (url) => {
-    for (let i = 1; i <= 3; i++) {
-      const name = `cpu-${i}`;
-      await openTab(url, name, { href: `${url}/?room=default&token=${TOKEN}&name=${name}&memory=2G&backend=cpu${extra}` });
-    }
+    for (let i = 1; i <= 3; i++) await openTab(url, `cpu-${i}`, { backend: "cpu", simd });
   });
 }
 

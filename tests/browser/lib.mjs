@@ -144,7 +144,8 @@ function chromiumArgs(keepAwake, extra) {
 }
 
 // A simulated device: its own Chromium process and profile, on the page of room `default`.
-// Options: viewport, args (extra flags), keepAwake (default true), href (the whole URL).
+// Options: viewport, args (extra flags), keepAwake (default true), backend (default "gpu"),
+// simd (default true; false loads the plain bundle), href (the whole URL, instead of these).
 export async function openTab(url, name, opts = {}) {
   const browser = await puppeteer.launch({
     executablePath: CHROMIUM,
@@ -162,7 +163,9 @@ export async function openTab(url, name, opts = {}) {
   page.on("pageerror", (e) => consoleErrors.push(`${name}: ${e.message}`));
   // WebGPU unless asked otherwise: `auto` would take the CPU engine on a software adapter
   // (SwiftShader here), and these tabs stand for devices with a GPU.
-  await page.goto(opts.href ?? `${url}/?room=default&token=${TOKEN}&name=${name}&memory=2G&backend=gpu`);
+  const query = `room=default&token=${TOKEN}&name=${name}&memory=2G&backend=${opts.backend ?? "gpu"}` +
+    (opts.simd === false ? "&simd=0" : "");
+  await page.goto(opts.href ?? `${url}/?${query}`);
   return { browser, page, name };
 }
 

@@ -101,9 +101,8 @@ const t0 = Date.now();
 // ---- 3. CPU tabs: the SIMD and the plain bundle.
 {
   const { url } = await startServer(["--model", model, "--token", TOKEN, "--min-nodes", "3", "--wire", "f32"]);
-  const page = (name, extra) => `${url}/?room=default&token=${TOKEN}&name=${name}&memory=2G${extra}`;
-  const auto = await openTab(url, "cpu-simd", { href: page("cpu-simd", "&backend=auto") });
-  await openTab(url, "cpu-plain", { href: page("cpu-plain", "&backend=cpu&simd=0") });
+  const auto = await openTab(url, "cpu-simd", { backend: "auto" });
+  await openTab(url, "cpu-plain", { backend: "cpu", simd: false });
   startNode(url, "native-1");
   const r = await waitReady(url, 3);
   const tab = (name) => r.nodes.find((n) => n.name === name);
