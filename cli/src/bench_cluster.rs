@@ -501,6 +501,56 @@ fn load(url: &str, s: usize, max_tokens: usize) -> Result<(f64, f64, u64)> {
     ))
 }
 
+/// A token's trip around a ring of `n` stages with `s` sequences in flight at `tok_s`
+/// aggregate tokens per second, split by what the nodes measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Trip {
+    /// One sequence's time per token: s ÷ tok_s.
+    total_ms: f64,
+    /// The stages' steps: each runs its batch of s ÷ n sequences in `busy` ÷ (tok_s ÷ batch)
+    /// seconds (its busy share of the time between its steps).
+    compute_ms: f64,
+    /// The hops' one-way latency, as the nodes' pings measured it.
+    hops_ms: f64,
+    /// The rest: waiting in queues, and for processes stopped by their CPU quota.
+    waiting_ms: f64,
+}
+
+impl Trip {
+    /// The split as a table cell. Steps are counted as batches of `batch` sequences; where
+    /// they ran fewer at a time, their time is over-counted and the rest can come out below
+    /// zero, which is said instead of printed as a negative wait.
+    fn describe(&self, batch: usize) -> String {
+        // (Rounding can leave a trip with no waiting a hair below zero.)
+        let rest = if self.waiting_ms > -0.05 {
+            format!("waiting {:.1}", self.waiting_ms.max(0.0))
+        } else {
+            format!(
+                "no waiting (steps ran fewer than {batch} sequences at once: {:.1} ms over-counted)",
+                -self.waiting_ms
+            )
+        };
+        format!(
+            "{:.1} ms = steps {:.1} + hops {:.1} + {rest}",
+            self.total_ms, self.compute_ms, self.hops_ms
+        )
+    }
+}
+
+fn trip(n: usize, s: usize, tok_s: f64, busy: &[f64], hops_ms: &[f64]) -> Trip {
+    let batch = (s as f64 / n.max(1) as f64).max(1.0);
+    let tok_s = tok_s.max(1e-9);
+    let total_ms = s as f64 / tok_s * 1e3;
+    let compute_ms = busy.iter().sum::<f64>() * batch / tok_s * 1e3;
+    let hops_ms = hops_ms.iter().sum::<f64>();
+    Trip {
+        total_ms,
+        compute_ms,
+        hops_ms,
+        waiting_ms: total_ms - compute_ms - hops_ms,
+    }
+}
+
 fn mb(b: u64) -> String {
     format!("{:.1} MB", b as f64 / 1e6)
 }
@@ -679,10 +729,16 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                 ok: None,
             });
         }
+        let mut nodes_seen = Vec::new();
+        let mut hop_ms = HashMap::new();
         for node in nodes {
             // Peaks over the run (the heartbeats report every half second): the KV cache
             // is freed when the streams end, the memory it took is not all returned.
             let name = node["name"].as_str().unwrap_or("?");
+            nodes_seen.push(name.to_string());
+            if let Some(rtt) = node["rtt_ms"].as_f64() {
+                hop_ms.insert(name.to_string(), rtt / 2.0);
+            }
             let (peak_rss, peak_kv) = peaks.get(name).copied().unwrap_or_default();
             let rss = peak_rss.max(node["rss_bytes"].as_u64().unwrap_or(0));
             let share = node["planned_weight_bytes"].as_u64().unwrap_or(0);
@@ -711,6 +767,35 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                 ),
                 bound: format!("≤ share {} + peak KV {} + 40 MB", mb(share), mb(kv)),
                 ok: Some(rss > 0 && rss <= bound),
+            });
+        }
+        // Where a token's time around the ring goes, from the figures above: the scaling
+        // rows say how far from the target a ring is, this says what the rest of the trip is.
+        let hops_ms: Vec<f64> = nodes_seen
+            .iter()
+            .filter_map(|name| hop_ms.get(name).copied())
+            .collect();
+        for (k, (tok_s, _, _)) in runs.iter().enumerate() {
+            let s = n * (k + 1);
+            let fractions: Vec<f64> = nodes_seen
+                .iter()
+                .filter_map(|name| busy[k].get(name).copied())
+                .collect();
+            if n < 2 || fractions.len() != n || hops_ms.len() != n {
+                continue;
+            }
+            let t = trip(n, s, *tok_s, &fractions, &hops_ms);
+            scaling.push(Row {
+                what: format!("N={n}, S={s}: a token's trip around the ring"),
+                on: on.clone(),
+                value: t.describe(k + 1),
+                bound: format!(
+                    "S ÷ aggregate tok/s = the stages' steps (busy share × time between steps) + \
+                     the hops' measured latency ({:.1} ms of it the links' delay) + the rest: \
+                     queues and stopped processes",
+                    n as f64 * b.delay_ms
+                ),
+                ok: None,
             });
         }
     }
@@ -793,6 +878,44 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trip_splits_into_steps_hops_and_waiting() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        // Two stages each busy 90% of the time, 10 ms hops: one sequence each at 10 tok/s
+        // spends its 200 ms per token in 2 × 90 ms steps and 2 hops, never waiting.
+        let t = trip(2, 2, 10.0, &[0.9, 0.9], &[10.0, 10.0]);
+        assert!(
+            close(t.total_ms, 200.0) && close(t.compute_ms, 180.0),
+            "{t:?}"
+        );
+        assert!(close(t.hops_ms, 20.0) && close(t.waiting_ms, 0.0), "{t:?}");
+        // Half as busy at the same rate: half the steps' time was spent waiting.
+        let t = trip(2, 2, 10.0, &[0.45, 0.45], &[10.0, 10.0]);
+        assert!(close(t.waiting_ms, 90.0), "{t:?}");
+        // Batches of two (S = 2N): a step carries two tokens, so at the same busy shares and
+        // twice the rate the steps take as long as before.
+        let t = trip(2, 4, 20.0, &[0.9, 0.9], &[10.0, 10.0]);
+        assert_eq!(
+            t.describe(2),
+            "200.0 ms = steps 180.0 + hops 20.0 + waiting 0.0"
+        );
+        // Busier than batches of two allow: the sequences ran one at a time, and the cell
+        // says so instead of printing a negative wait.
+        let busy = trip(2, 4, 20.0, &[1.0, 1.0], &[10.0, 10.0]);
+        assert!(close(busy.waiting_ms, -20.0), "{busy:?}");
+        assert!(
+            busy.describe(2).ends_with(
+                "no waiting (steps ran fewer than 2 sequences at once: 20.0 ms over-counted)"
+            ),
+            "{}",
+            busy.describe(2)
+        );
+        assert!(
+            close(t.total_ms, 200.0) && close(t.compute_ms, 180.0),
+            "{t:?}"
+        );
+    }
 
     #[test]
     fn cpu_quotas_use_short_periods_within_the_kernels_limits() {
