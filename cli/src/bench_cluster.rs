@@ -514,13 +514,16 @@ struct Trip {
     hops_ms: f64,
     /// The rest: waiting in queues, and for processes stopped by their CPU quota.
     waiting_ms: f64,
+    /// Sequences a step is counted to carry: s ÷ n.
+    batch: usize,
 }
 
 impl Trip {
     /// The split as a table cell. Steps are counted as batches of `batch` sequences; where
     /// they ran fewer at a time, their time is over-counted and the rest can come out below
     /// zero, which is said instead of printed as a negative wait.
-    fn describe(&self, batch: usize) -> String {
+    fn describe(&self) -> String {
+        let batch = self.batch;
         // (Rounding can leave a trip with no waiting a hair below zero.)
         let rest = if self.waiting_ms > -0.05 {
             format!("waiting {:.1}", self.waiting_ms.max(0.0))
@@ -538,16 +541,17 @@ impl Trip {
 }
 
 fn trip(n: usize, s: usize, tok_s: f64, busy: &[f64], hops_ms: &[f64]) -> Trip {
-    let batch = (s as f64 / n.max(1) as f64).max(1.0);
+    let batch = (s / n.max(1)).max(1);
     let tok_s = tok_s.max(1e-9);
     let total_ms = s as f64 / tok_s * 1e3;
-    let compute_ms = busy.iter().sum::<f64>() * batch / tok_s * 1e3;
+    let compute_ms = busy.iter().sum::<f64>() * batch as f64 / tok_s * 1e3;
     let hops_ms = hops_ms.iter().sum::<f64>();
     Trip {
         total_ms,
         compute_ms,
         hops_ms,
         waiting_ms: total_ms - compute_ms - hops_ms,
+        batch,
     }
 }
 
@@ -729,22 +733,21 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                 ok: None,
             });
         }
-        let mut nodes_seen = Vec::new();
-        let mut hop_ms = HashMap::new();
+        // Names in ring order, and each hop's one-way latency where its node measured one.
+        let mut names = Vec::new();
+        let mut hops_ms = Vec::new();
         for node in nodes {
             // Peaks over the run (the heartbeats report every half second): the KV cache
             // is freed when the streams end, the memory it took is not all returned.
             let name = node["name"].as_str().unwrap_or("?");
-            nodes_seen.push(name.to_string());
-            if let Some(rtt) = node["rtt_ms"].as_f64() {
-                hop_ms.insert(name.to_string(), rtt / 2.0);
-            }
+            names.push(name.to_string());
             let (peak_rss, peak_kv) = peaks.get(name).copied().unwrap_or_default();
             let rss = peak_rss.max(node["rss_bytes"].as_u64().unwrap_or(0));
             let share = node["planned_weight_bytes"].as_u64().unwrap_or(0);
             let kv = peak_kv.max(node["kv_bytes"].as_u64().unwrap_or(0));
             let bound = share + kv + 40_000_000;
             let rtt = node["rtt_ms"].as_f64();
+            hops_ms.extend(rtt.map(|r| r / 2.0));
             let busy = busy.each_ref().map(|b| {
                 b.get(name)
                     .map_or("–".to_string(), |f| format!("{:.0}%", 100.0 * f))
@@ -771,24 +774,21 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
         }
         // Where a token's time around the ring goes, from the figures above: the scaling
         // rows say how far from the target a ring is, this says what the rest of the trip is.
-        let hops_ms: Vec<f64> = nodes_seen
-            .iter()
-            .filter_map(|name| hop_ms.get(name).copied())
-            .collect();
-        for (k, (tok_s, _, _)) in runs.iter().enumerate() {
+        let every_hop = n > 1 && hops_ms.len() == n;
+        for (k, (tok_s, _, _)) in runs.iter().enumerate().filter(|_| every_hop) {
             let s = n * (k + 1);
-            let fractions: Vec<f64> = nodes_seen
+            let fractions: Vec<f64> = names
                 .iter()
                 .filter_map(|name| busy[k].get(name).copied())
                 .collect();
-            if n < 2 || fractions.len() != n || hops_ms.len() != n {
+            if fractions.len() != n {
                 continue;
             }
             let t = trip(n, s, *tok_s, &fractions, &hops_ms);
             scaling.push(Row {
                 what: format!("N={n}, S={s}: a token's trip around the ring"),
                 on: on.clone(),
-                value: t.describe(k + 1),
+                value: t.describe(),
                 bound: format!(
                     "S ÷ aggregate tok/s = the stages' steps (busy share × time between steps) + \
                      the hops' measured latency ({:.1} ms of it the links' delay) + the rest: \
@@ -896,8 +896,12 @@ mod tests {
         // Batches of two (S = 2N): a step carries two tokens, so at the same busy shares and
         // twice the rate the steps take as long as before.
         let t = trip(2, 4, 20.0, &[0.9, 0.9], &[10.0, 10.0]);
+        assert!(
+            close(t.total_ms, 200.0) && close(t.compute_ms, 180.0),
+            "{t:?}"
+        );
         assert_eq!(
-            t.describe(2),
+            t.describe(),
             "200.0 ms = steps 180.0 + hops 20.0 + waiting 0.0"
         );
         // Busier than batches of two allow: the sequences ran one at a time, and the cell
@@ -905,15 +909,11 @@ mod tests {
         let busy = trip(2, 4, 20.0, &[1.0, 1.0], &[10.0, 10.0]);
         assert!(close(busy.waiting_ms, -20.0), "{busy:?}");
         assert!(
-            busy.describe(2).ends_with(
+            busy.describe().ends_with(
                 "no waiting (steps ran fewer than 2 sequences at once: 20.0 ms over-counted)"
             ),
             "{}",
-            busy.describe(2)
-        );
-        assert!(
-            close(t.total_ms, 200.0) && close(t.compute_ms, 180.0),
-            "{t:?}"
+            busy.describe()
         );
     }
 
