@@ -645,7 +645,7 @@ impl StageEngine for CpuEngine {
 
     fn head(&mut self, hidden: &[f32], want: Want) -> Result<StageOutput> {
         self.check_head_row(hidden)?;
-        let logits = self.pool.install(|| self.head_rows(hidden))?;
+        let logits = self.head_rows(hidden)?;
         Ok(match want {
             Want::Argmax => StageOutput::Token(argmax(&logits)),
             _ => StageOutput::Logits(logits),
@@ -665,7 +665,7 @@ impl StageEngine for CpuEngine {
             for &i in &valid {
                 x.extend_from_slice(rows[i].0);
             }
-            match self.pool.install(|| self.head_rows(&x)) {
+            match self.head_rows(&x) {
                 Ok(logits) => {
                     for (&i, l) in valid.iter().zip(logits.chunks_exact(self.config.vocab)) {
                         results[i] = Some(Ok(head_output(rows[i].1, l)));
@@ -707,8 +707,7 @@ impl StageEngine for CpuEngine {
             }
         }
         if !seqs.is_empty() {
-            let this = &*self;
-            let outputs = this.pool.install(|| this.run(&mut seqs, x));
+            let outputs = self.run(&mut seqs, x);
             for (s, o) in seqs.iter().zip(outputs) {
                 results[s.index] = Some(o);
             }
