@@ -67,6 +67,11 @@ mod native {
 
     use super::{Result, SPIN};
 
+    /// Busy-wait iterations (a `pause` each, tens of nanoseconds) before a waiting thread
+    /// yields its core between checks instead: on a machine with more runnable threads than
+    /// cores, the thread waited for may need this one's core to finish.
+    const YIELD_AFTER_SPINS: u32 = 512;
+
     /// The step being run: a pointer to the caller's closure, which lives on the caller's
     /// stack for as long as the pointer is published (see [`Pool::run`]).
     struct Job<'a> {
@@ -195,8 +200,16 @@ mod native {
     impl Drop for Retire<'_> {
         fn drop(&mut self) {
             self.shared.job.store(std::ptr::null_mut(), SeqCst);
+            let mut spins = 0u32;
             while self.shared.inside.load(SeqCst) > 0 {
-                std::hint::spin_loop();
+                // A worker is finishing a task, usually within microseconds; if it is not
+                // (more threads than cores, and it lost its core), give the core up to it.
+                spins = spins.saturating_add(1);
+                if spins < YIELD_AFTER_SPINS {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
             }
             self.running.store(false, SeqCst);
         }
@@ -251,8 +264,12 @@ mod native {
                         guard = shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
                     }
                     shared.sleepers.fetch_sub(1, SeqCst);
-                } else {
+                } else if spins < YIELD_AFTER_SPINS {
                     std::hint::spin_loop();
+                } else {
+                    // Still awake for the next step, but not holding a core another thread
+                    // of this machine may be waiting for.
+                    std::thread::yield_now();
                 }
             }
             shared.inside.fetch_add(1, SeqCst);
