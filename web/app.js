@@ -9,6 +9,9 @@ const room = params.get("room") || "default";
 const token = params.get("token") || "";
 const $ = (id) => document.getElementById(id);
 const mb = (b) => (b == null ? "–" : (b / 1e6).toFixed(1));
+// Measured memory: a process's RSS, or a tab's WebAssembly memory (tabs have no RSS).
+const resident = (n) =>
+  n.rss_bytes != null ? mb(n.rss_bytes) : n.wasm_memory_bytes != null ? `${mb(n.wasm_memory_bytes)} wasm` : "–";
 
 function parseBytes(s) {
   if (!s) return null;
@@ -397,7 +400,7 @@ async function refreshRing() {
     const rows = r.nodes.map((n) => {
       const cells = [n.name, n.kind, n.role ?? "–", n.layers ? `${n.layers[0]}–${n.layers[1]}` : "–", n.state,
         n.backend, n.tok_s.toFixed(1), n.rtt_ms == null ? "–" : n.rtt_ms.toFixed(2), mb(n.weight_bytes),
-        mb(n.kv_bytes), mb(n.downloaded_bytes)];
+        mb(n.kv_bytes), resident(n), mb(n.downloaded_bytes)];
       const tr = document.createElement("tr");
       cells.forEach((c, i) => {
         const td = document.createElement("td");

@@ -403,6 +403,16 @@ impl Platform for BrowserPlatform {
         None
     }
 
+    fn wasm_memory_bytes(&self) -> Option<u64> {
+        // The module's own linear memory: what its allocations (the CPU engine's weights and
+        // caches among them) have made the tab commit, measured rather than summed.
+        let memory = wasm_bindgen::memory()
+            .dyn_into::<js_sys::WebAssembly::Memory>()
+            .ok()?;
+        let buffer = memory.buffer().dyn_into::<js_sys::ArrayBuffer>().ok()?;
+        Some(buffer.byte_length() as u64)
+    }
+
     fn cache_get(&self, key: String) -> LocalBoxFuture<'_, Option<Vec<u8>>> {
         Box::pin(async move {
             let cache = cache().await?;

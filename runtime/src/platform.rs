@@ -112,6 +112,11 @@ pub trait Platform {
     /// Resident memory of this process, where the platform can tell.
     fn rss_bytes(&self) -> Option<u64>;
 
+    /// Bytes of this node's WebAssembly memory, on platforms that run as wasm.
+    fn wasm_memory_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Bytes stored under `key` by an earlier [`cache_put`](Self::cache_put), if this platform
     /// keeps downloads (a browser's Cache API) and still has them.
     fn cache_get(&self, key: String) -> LocalBoxFuture<'_, Option<Vec<u8>>> {

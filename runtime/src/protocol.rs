@@ -141,6 +141,10 @@ pub struct NodeReport {
     pub kv_bytes: u64,
     /// Resident memory of the whole process, where the platform can tell.
     pub rss_bytes: Option<u64>,
+    /// A browser node's WebAssembly memory (its linear memory as the tab has it now), which
+    /// holds the wasm CPU engine's weights and caches: measured where a tab has no RSS.
+    #[serde(default)]
+    pub wasm_memory_bytes: Option<u64>,
     /// Sequences configured on this node (starter: in flight).
     pub sequences: usize,
     /// Requests waiting at the starter to be admitted.

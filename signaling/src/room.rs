@@ -601,6 +601,8 @@ pub struct NodeView {
     pub weight_bytes: u64,
     pub kv_bytes: u64,
     pub rss_bytes: Option<u64>,
+    /// A browser node's WebAssembly memory, as it reports it (tabs have no RSS).
+    pub wasm_memory_bytes: Option<u64>,
     pub memory_budget: u64,
     /// The planner's share of stored weight bytes.
     pub planned_weight_bytes: Option<u64>,
@@ -1034,6 +1036,7 @@ impl Hub {
                     weight_bytes: m.report.weight_bytes,
                     kv_bytes: m.report.kv_bytes,
                     rss_bytes: m.report.rss_bytes,
+                    wasm_memory_bytes: m.report.wasm_memory_bytes,
                     memory_budget: m.profile.memory_budget,
                     planned_weight_bytes: at.map(|(i, g)| g.plan.nodes[i].weight_bytes),
                     downloaded_bytes: served(id),

@@ -56,12 +56,15 @@ const PAGE: &str = r#"<!doctype html>
 <p id="status">loading…</p>
 <table>
   <thead><tr><th>node</th><th>kind</th><th>role</th><th>layers</th><th>state</th><th>backend</th>
-  <th>tok/s</th><th>RTT ms</th><th>weights MB</th><th>KV MB</th><th>RSS MB</th><th>downloaded MB</th></tr></thead>
+  <th>tok/s</th><th>RTT ms</th><th>weights MB</th><th>KV MB</th><th>resident MB</th><th>downloaded MB</th></tr></thead>
   <tbody id="nodes"></tbody>
 </table>
 <p>Chat through the OpenAI-compatible API: <code>POST /v1/chat/completions</code>.</p>
 <script>
 const mb = b => b == null ? "–" : (b / 1e6).toFixed(1);
+// Measured memory: a process's RSS, or a tab's WebAssembly memory (tabs have no RSS).
+const resident = n => n.rss_bytes != null ? mb(n.rss_bytes) :
+  n.wasm_memory_bytes != null ? mb(n.wasm_memory_bytes) + " wasm" : "–";
 async function refresh() {
   try {
     const r = await (await fetch("/api/ring")).json();
@@ -72,7 +75,7 @@ async function refresh() {
     const rows = r.nodes.map(n => {
       const cells = [n.name, n.kind, n.role ?? "–", n.layers ? n.layers[0] + "–" + n.layers[1] : "–",
         n.state, n.backend, n.tok_s.toFixed(1), n.rtt_ms == null ? "–" : n.rtt_ms.toFixed(2),
-        mb(n.weight_bytes), mb(n.kv_bytes), mb(n.rss_bytes), mb(n.downloaded_bytes)];
+        mb(n.weight_bytes), mb(n.kv_bytes), resident(n), mb(n.downloaded_bytes)];
       const tr = document.createElement("tr");
       cells.forEach((c, i) => { const td = document.createElement("td"); td.textContent = c;
         if (i >= 6) td.className = "n"; tr.appendChild(td); });

@@ -249,6 +249,10 @@ print(json.dumps({{"ids": ids, "plain": r.choices[0].message.content,
         );
         assert!(n["rss_bytes"].as_u64().unwrap_or(0) > 0, "RSS is measured");
         assert!(
+            n["wasm_memory_bytes"].is_null(),
+            "a process has no wasm memory"
+        );
+        assert!(
             n["weight_bytes"].as_u64().unwrap_or(0) > 0,
             "weights are reported"
         );

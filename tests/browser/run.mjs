@@ -44,7 +44,12 @@ const t0 = Date.now();
   assert.deepEqual(kinds, ["browser", "browser", "native"]);
   for (const n of r.nodes.filter((n) => n.kind === "browser")) {
     assert.equal(n.backend, "gpu", `${n.name} runs on WebGPU`);
+    // A tab has no RSS; its WebAssembly memory is measured instead (the module, its buffers).
+    assert.equal(n.rss_bytes, null, `${n.name}: no RSS in a tab`);
+    assert.ok(n.wasm_memory_bytes > 0, `${n.name} reports its wasm memory: ${n.wasm_memory_bytes}`);
   }
+  const native = r.nodes.find((n) => n.kind === "native");
+  assert.ok(native.rss_bytes > 0 && native.wasm_memory_bytes == null, `native memory: ${JSON.stringify(native)}`);
   assert.equal(await apiAnswer(url, QUESTION), expected);
   await checkDownloads(url, r);
   console.log(`mixed ring: ok (${((Date.now() - t0) / 1000).toFixed(0)} s)`);
@@ -116,12 +121,19 @@ const t0 = Date.now();
     if (n?.backend === "gpu") continue; // auto on a hardware adapter
     assert.ok(n && n.kind === "browser" && n.backend === "cpu", `${name} is a CPU node: ${JSON.stringify(n)}`);
     assert.ok(n.adapter.includes(isa), `${name} runs the ${isa} kernels: ${n.adapter}`);
+    // The wasm CPU engine keeps its weights in the module's memory: a measured memory smaller
+    // than the weights the engine says it holds would be a report that lies.
+    assert.ok(
+      n.wasm_memory_bytes >= n.weight_bytes && n.weight_bytes > 0,
+      `${name}: wasm memory ${n.wasm_memory_bytes} holds its ${n.weight_bytes} weight bytes`,
+    );
   }
   await checkDownloads(url, r);
   assert.equal(await apiAnswer(url, QUESTION), expected);
+  const held = (n) => `${(n.wasm_memory_bytes / 1e6).toFixed(1)} MB wasm memory, ${(n.weight_bytes / 1e6).toFixed(1)} MB weights`;
   console.log(
-    `CPU tabs (${tab("cpu-simd").adapter}; ${tab("cpu-plain").adapter}): ok ` +
-      `(${((Date.now() - t0) / 1000).toFixed(0)} s)`,
+    `CPU tabs (${tab("cpu-simd").adapter}: ${held(tab("cpu-simd"))}; ${tab("cpu-plain").adapter}: ` +
+      `${held(tab("cpu-plain"))}): ok (${((Date.now() - t0) / 1000).toFixed(0)} s)`,
   );
   await closeAll();
 }

@@ -91,6 +91,7 @@ fn seed_messages() -> Vec<String> {
             weight_bytes: 1000,
             kv_bytes: 64,
             rss_bytes: None,
+            wasm_memory_bytes: Some(16 << 20),
             sequences: 1,
             queued: 0,
             peak_sequences: 2,
