@@ -426,35 +426,63 @@ fn with_peaks<T: Send>(url: &str, f: impl FnOnce() -> Result<T> + Send) -> Resul
     Ok((out, peaks))
 }
 
-/// Each node's share of a run's wall time that its engine spent computing, by name.
-type Busy = HashMap<String, f64>;
+/// What a node's engine did over a run, from the counters its heartbeats carry.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Work {
+    /// Share of the run's wall time spent in steps.
+    busy: f64,
+    /// Steps run, and the jobs (one sequence's input each) they carried.
+    steps: f64,
+    jobs: f64,
+    /// Each step's seconds times its jobs: the time sequences spent in this node's steps.
+    job_busy_s: f64,
+}
 
-fn busy_seconds(ring: &Value) -> HashMap<String, f64> {
+/// Each node's [`Work`] over a run, by name.
+type Busy = HashMap<String, Work>;
+
+/// The counters of every node (cumulative over the epoch): busy seconds in `busy`.
+fn counters(ring: &Value) -> Busy {
     ring["nodes"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|n| Some((n["name"].as_str()?.to_string(), n["busy_s"].as_f64()?)))
+        .filter_map(|n| {
+            let work = Work {
+                busy: n["busy_s"].as_f64()?,
+                steps: n["steps"].as_f64()?,
+                jobs: n["jobs"].as_f64()?,
+                job_busy_s: n["job_busy_s"].as_f64()?,
+            };
+            Some((n["name"].as_str()?.to_string(), work))
+        })
         .collect()
 }
 
-/// [`load`], and how busy each node was over it: the busy seconds the nodes report in their
-/// heartbeats (every half second; one after the run has the final figure), over the run's
-/// wall time.
+/// [`load`], and what each node's engine did over it: the counters the nodes report in their
+/// heartbeats (every half second; one after the run has the final figures), the busy seconds
+/// over the run's wall time.
 fn load_busy(url: &str, s: usize, max_tokens: usize) -> Result<((f64, f64, u64), Busy)> {
     let client = reqwest::blocking::Client::new();
-    let before = busy_seconds(&get_ring(&client, url)?);
+    let before = counters(&get_ring(&client, url)?);
     let t0 = Instant::now();
     let run = load(url, s, max_tokens)?;
     let wall = t0.elapsed().as_secs_f64().max(1e-9);
     std::thread::sleep(Duration::from_millis(1200));
-    let after = busy_seconds(&get_ring(&client, url)?);
+    let after = counters(&get_ring(&client, url)?);
     let busy = after
         .into_iter()
-        .filter_map(|(name, b)| {
+        .filter_map(|(name, a)| {
+            let b = before.get(&name)?;
+            let d = Work {
+                busy: ((a.busy - b.busy) / wall).min(1.0),
+                steps: a.steps - b.steps,
+                jobs: a.jobs - b.jobs,
+                job_busy_s: a.job_busy_s - b.job_busy_s,
+            };
             // A node whose epoch changed during the run started counting again: no figure.
-            let d = b - before.get(&name)?;
-            (d >= 0.0).then(|| (name, (d / wall).min(1.0)))
+            (d.busy >= 0.0 && d.steps >= 0.0 && d.jobs >= 0.0 && d.job_busy_s >= 0.0)
+                .then_some((name, d))
         })
         .collect();
     Ok((run, busy))
@@ -501,57 +529,68 @@ fn load(url: &str, s: usize, max_tokens: usize) -> Result<(f64, f64, u64)> {
     ))
 }
 
-/// A token's trip around a ring of `n` stages with `s` sequences in flight at `tok_s`
-/// aggregate tokens per second, split by what the nodes measured.
+/// A token's trip around a ring with `s` sequences in flight at `tok_s` aggregate tokens per
+/// second, split by what the nodes measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Trip {
     /// One sequence's time per token: s ÷ tok_s.
     total_ms: f64,
-    /// The stages' steps: each runs its batch of s ÷ n sequences in `busy` ÷ (tok_s ÷ batch)
-    /// seconds (its busy share of the time between its steps).
+    /// The stages' steps: at each node, the time its sequences spent inside its steps (each
+    /// step's time × the jobs it carried, summed) over the tokens that went through.
     compute_ms: f64,
     /// The hops' one-way latency, as the nodes' pings measured it.
     hops_ms: f64,
-    /// The rest: waiting in queues, and for processes stopped by their CPU quota.
+    /// The rest: waiting in queues (a stage's batch filling up, a busy stage), and for
+    /// processes stopped by their CPU quota.
     waiting_ms: f64,
-    /// Sequences a step is counted to carry: s ÷ n.
-    batch: usize,
+    /// Sequences a step of the secondaries carried on average (none in a ring of one).
+    batch: Option<f64>,
 }
 
 impl Trip {
-    /// The split as a table cell. Steps are counted as batches of `batch` sequences; where
-    /// they ran fewer at a time, their time is over-counted and the rest can come out below
-    /// zero, which is said instead of printed as a negative wait.
+    /// The split as a table cell. The steps are measured; the hops are pings taken apart
+    /// from the tokens, so where they came out longer than the tokens' own hops the rest
+    /// falls below zero, which is said instead of printed as a negative wait.
     fn describe(&self) -> String {
-        let batch = self.batch;
         // (Rounding can leave a trip with no waiting a hair below zero.)
         let rest = if self.waiting_ms > -0.05 {
             format!("waiting {:.1}", self.waiting_ms.max(0.0))
         } else {
             format!(
-                "no waiting (steps ran fewer than {batch} sequences at once: {:.1} ms over-counted)",
+                "no waiting (the pings over-count the hops by {:.1} ms)",
                 -self.waiting_ms
             )
         };
+        let batch = self
+            .batch
+            .map_or(String::new(), |b| format!("; {b:.2} sequences a step"));
         format!(
-            "{:.1} ms = steps {:.1} + hops {:.1} + {rest}",
+            "{:.1} ms = steps {:.1} + hops {:.1} + {rest}{batch}",
             self.total_ms, self.compute_ms, self.hops_ms
         )
     }
 }
 
-fn trip(n: usize, s: usize, tok_s: f64, busy: &[f64], hops_ms: &[f64]) -> Trip {
-    let batch = (s / n.max(1)).max(1);
+/// The trip of `s` sequences at `tok_s` that made `tokens` tokens, from each node's [`Work`]
+/// (and whether it is the starter) and each hop's one-way latency.
+fn trip(s: usize, tok_s: f64, tokens: u64, work: &[(Work, bool)], hops_ms: &[f64]) -> Trip {
     let tok_s = tok_s.max(1e-9);
+    let tokens = tokens.max(1) as f64;
     let total_ms = s as f64 / tok_s * 1e3;
-    let compute_ms = busy.iter().sum::<f64>() * batch as f64 / tok_s * 1e3;
-    let hops_ms = hops_ms.iter().sum::<f64>();
+    let compute_ms = work.iter().fold(0.0, |a, (w, _)| a + w.job_busy_s) / tokens * 1e3;
+    let hops_ms = hops_ms.iter().fold(0.0, |a, h| a + h);
+    // The starter's steps hold heads and layers of different tokens: its jobs are not
+    // sequences a step. The secondaries' are.
+    let (jobs, steps) = work
+        .iter()
+        .filter(|(_, starter)| !starter)
+        .fold((0.0, 0.0), |(j, s), (w, _)| (j + w.jobs, s + w.steps));
     Trip {
         total_ms,
         compute_ms,
         hops_ms,
         waiting_ms: total_ms - compute_ms - hops_ms,
-        batch,
+        batch: (steps > 0.0).then(|| jobs / steps),
     }
 }
 
@@ -733,14 +772,15 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
                 ok: None,
             });
         }
-        // Names in ring order, and each hop's one-way latency where its node measured one.
+        // Names in ring order (with whether it is the starter), and each hop's one-way
+        // latency where its node measured one.
         let mut names = Vec::new();
         let mut hops_ms = Vec::new();
         for node in nodes {
             // Peaks over the run (the heartbeats report every half second): the KV cache
             // is freed when the streams end, the memory it took is not all returned.
             let name = node["name"].as_str().unwrap_or("?");
-            names.push(name.to_string());
+            names.push((name.to_string(), node["role"] == "starter"));
             let (peak_rss, peak_kv) = peaks.get(name).copied().unwrap_or_default();
             let rss = peak_rss.max(node["rss_bytes"].as_u64().unwrap_or(0));
             let share = node["planned_weight_bytes"].as_u64().unwrap_or(0);
@@ -750,7 +790,7 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
             hops_ms.extend(rtt.map(|r| r / 2.0));
             let busy = busy.each_ref().map(|b| {
                 b.get(name)
-                    .map_or("–".to_string(), |f| format!("{:.0}%", 100.0 * f))
+                    .map_or("–".to_string(), |w| format!("{:.0}%", 100.0 * w.busy))
             });
             scaling.push(Row {
                 what: format!(
@@ -775,24 +815,24 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
         // Where a token's time around the ring goes, from the figures above: the scaling
         // rows say how far from the target a ring is, this says what the rest of the trip is.
         let every_hop = n > 1 && hops_ms.len() == n;
-        for (k, (tok_s, _, _)) in runs.iter().enumerate().filter(|_| every_hop) {
+        for (k, (tok_s, _, tokens)) in runs.iter().enumerate().filter(|_| every_hop) {
             let s = n * (k + 1);
-            let fractions: Vec<f64> = names
+            let work: Vec<(Work, bool)> = names
                 .iter()
-                .filter_map(|name| busy[k].get(name).copied())
+                .filter_map(|(name, starter)| Some((*busy[k].get(name)?, *starter)))
                 .collect();
-            if fractions.len() != n {
+            if work.len() != n || work.iter().all(|(w, _)| w.jobs == 0.0) {
                 continue;
             }
-            let t = trip(n, s, *tok_s, &fractions, &hops_ms);
+            let t = trip(s, *tok_s, *tokens, &work, &hops_ms);
             scaling.push(Row {
                 what: format!("N={n}, S={s}: a token's trip around the ring"),
                 on: on.clone(),
                 value: t.describe(),
                 bound: format!(
-                    "S ÷ aggregate tok/s = the stages' steps (busy share × time between steps) + \
-                     the hops' measured latency ({:.1} ms of it the links' delay) + the rest: \
-                     queues and stopped processes",
+                    "S ÷ aggregate tok/s = the time a token spent in the stages' steps (each \
+                     step's time × its sequences, over the tokens) + the hops' measured latency \
+                     ({:.1} ms of it the links' delay) + the rest: queues and stopped processes",
                     n as f64 * b.delay_ms
                 ),
                 ok: None,
@@ -882,38 +922,73 @@ mod tests {
     #[test]
     fn a_trip_splits_into_steps_hops_and_waiting() {
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
-        // Two stages each busy 90% of the time, 10 ms hops: one sequence each at 10 tok/s
-        // spends its 200 ms per token in 2 × 90 ms steps and 2 hops, never waiting.
-        let t = trip(2, 2, 10.0, &[0.9, 0.9], &[10.0, 10.0]);
+        let work = |steps: f64, jobs: f64, job_busy_s: f64| Work {
+            busy: 0.9,
+            steps,
+            jobs,
+            job_busy_s,
+        };
+        // Two stages, one sequence each, 10 tok/s for 100 tokens: the secondary's 100 steps
+        // of one job took 90 ms each, the starter's 200 (a head, then the next token's
+        // layers) 45 ms each. A token spends 2 × 90 ms in steps and 2 × 10 ms in hops of its
+        // 200 ms: no waiting.
+        let ring = [
+            (work(200.0, 200.0, 9.0), true),
+            (work(100.0, 100.0, 9.0), false),
+        ];
+        let t = trip(2, 10.0, 100, &ring, &[10.0, 10.0]);
         assert!(
             close(t.total_ms, 200.0) && close(t.compute_ms, 180.0),
             "{t:?}"
         );
         assert!(close(t.hops_ms, 20.0) && close(t.waiting_ms, 0.0), "{t:?}");
-        // Half as busy at the same rate: half the steps' time was spent waiting.
-        let t = trip(2, 2, 10.0, &[0.45, 0.45], &[10.0, 10.0]);
-        assert!(close(t.waiting_ms, 90.0), "{t:?}");
-        // Batches of two (S = 2N): a step carries two tokens, so at the same busy shares and
-        // twice the rate the steps take as long as before.
-        let t = trip(2, 4, 20.0, &[0.9, 0.9], &[10.0, 10.0]);
-        assert!(
-            close(t.total_ms, 200.0) && close(t.compute_ms, 180.0),
-            "{t:?}"
-        );
         assert_eq!(
             t.describe(),
-            "200.0 ms = steps 180.0 + hops 20.0 + waiting 0.0"
+            "200.0 ms = steps 180.0 + hops 20.0 + waiting 0.0; 1.00 sequences a step"
         );
-        // Busier than batches of two allow: the sequences ran one at a time, and the cell
-        // says so instead of printing a negative wait.
-        let busy = trip(2, 4, 20.0, &[1.0, 1.0], &[10.0, 10.0]);
-        assert!(close(busy.waiting_ms, -20.0), "{busy:?}");
+        // Batches of two (S = 2N) at twice the rate: 100 steps of two jobs, 90 ms each, make
+        // 200 tokens; each token still sits 90 ms in each stage's step.
+        let ring = [
+            (work(200.0, 400.0, 18.0), true),
+            (work(100.0, 200.0, 18.0), false),
+        ];
+        let t = trip(4, 20.0, 200, &ring, &[10.0, 10.0]);
         assert!(
-            busy.describe().ends_with(
-                "no waiting (steps ran fewer than 2 sequences at once: 20.0 ms over-counted)"
-            ),
+            close(t.compute_ms, 180.0) && close(t.waiting_ms, 0.0),
+            "{t:?}"
+        );
+        assert_eq!(t.batch, Some(2.0));
+        // The batches did not form: 200 steps of one job, 50 ms each. The steps are what
+        // they were, and the trip's other 80 ms went to waiting.
+        let ring = [
+            (work(400.0, 400.0, 10.0), true),
+            (work(200.0, 200.0, 10.0), false),
+        ];
+        let t = trip(4, 20.0, 200, &ring, &[10.0, 10.0]);
+        assert!(
+            close(t.compute_ms, 100.0) && close(t.waiting_ms, 80.0),
+            "{t:?}"
+        );
+        assert_eq!(t.batch, Some(1.0));
+        // Pings slower than the tokens' own hops: the cell says so instead of a negative wait.
+        let ring = [
+            (work(200.0, 200.0, 9.0), true),
+            (work(100.0, 100.0, 9.0), false),
+        ];
+        let t = trip(2, 10.0, 100, &ring, &[60.0, 60.0]);
+        assert!(close(t.waiting_ms, -100.0), "{t:?}");
+        assert!(
+            t.describe()
+                .contains("no waiting (the pings over-count the hops by 100.0 ms)"),
             "{}",
-            busy.describe()
+            t.describe()
+        );
+        // A ring of one has no hops, and no secondaries to count sequences a step on.
+        let t = trip(1, 10.0, 100, &[(work(200.0, 200.0, 9.0), true)], &[]);
+        assert_eq!(t.batch, None);
+        assert_eq!(
+            t.describe(),
+            "100.0 ms = steps 90.0 + hops 0.0 + waiting 10.0"
         );
     }
 

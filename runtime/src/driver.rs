@@ -68,6 +68,11 @@ pub struct DriverStats {
     pub peak_batch: usize,
     /// Seconds the engine spent on this driver's steps.
     pub busy_s: f64,
+    /// Steps run, and the jobs (one sequence's input each) they carried.
+    pub steps: u64,
+    pub jobs: u64,
+    /// Each step's seconds times its jobs, summed: the time sequences spent inside steps.
+    pub job_busy_s: f64,
     /// Messages from the previous node that could not be read or tied to a live sequence.
     pub garbage: u64,
     /// The last such message's error.
@@ -331,12 +336,17 @@ impl Linger {
     }
 }
 
-/// A step that began at `started` is done: its time goes to the linger and the busy seconds,
-/// and `started` now marks the start of the idle time before the next step.
-fn step_done(linger: &mut Linger, started: &mut Instant, stats: &SharedStats) {
+/// A step of `jobs` jobs that began at `started` is done: its time goes to the linger and the
+/// busy seconds, and `started` now marks the start of the idle time before the next step.
+fn step_done(linger: &mut Linger, started: &mut Instant, stats: &SharedStats, jobs: usize) {
     let took = started.elapsed();
     linger.last_step = Some(took);
-    lock(stats).busy_s += took.as_secs_f64();
+    let mut s = lock(stats);
+    s.busy_s += took.as_secs_f64();
+    s.steps += 1;
+    s.jobs += jobs as u64;
+    s.job_busy_s += took.as_secs_f64() * jobs as f64;
+    drop(s);
     tracing::debug!("step took {took:?}");
     *started = Instant::now();
 }
@@ -480,7 +490,7 @@ pub async fn run_node(
         match wake {
             Wake::Linger => linger.expired(),
             Wake::Done(batch) => {
-                step_done(&mut linger, &mut started, &stats);
+                step_done(&mut linger, &mut started, &stats, batch.len());
                 let mut msgs = Vec::new();
                 for done in batch {
                     msgs.extend(node.complete(done));
@@ -664,7 +674,7 @@ pub async fn run_starter(
                 Vec::new()
             }
             Wake::Done(batch) => {
-                step_done(&mut linger, &mut started, &stats);
+                step_done(&mut linger, &mut started, &stats, batch.len());
                 let mut msgs = Vec::new();
                 for d in batch {
                     msgs.extend(starter.complete(d, &mut evs));

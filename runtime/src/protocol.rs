@@ -155,6 +155,16 @@ pub struct NodeReport {
     /// tokens, so the ratios between nodes are the ratios of their stages' real costs.
     #[serde(default)]
     pub busy_s: f64,
+    /// Steps this node's engine has run this epoch, and the jobs (one sequence's input each)
+    /// they carried: jobs ÷ steps is how many sequences its batches held.
+    #[serde(default)]
+    pub steps: u64,
+    #[serde(default)]
+    pub jobs: u64,
+    /// Each step's seconds times its jobs, summed: the time sequences spent in this node's
+    /// steps (over the tokens that went through, a token's time in them).
+    #[serde(default)]
+    pub job_busy_s: f64,
 }
 
 /// Messages a node sends to the server.

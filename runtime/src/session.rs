@@ -379,6 +379,9 @@ pub async fn run(
                         queued: s.queued,
                         peak_sequences: s.peak_sequences,
                         busy_s: s.busy_s,
+                        steps: s.steps,
+                        jobs: s.jobs,
+                        job_busy_s: s.job_busy_s,
                     }
                 };
                 send(&*tx, &ToServer::Stats(report)).await?;
@@ -869,6 +872,9 @@ async fn serve_assignment(
         queued: 0,
         peak_sequences: 0,
         busy_s: 0.0,
+        steps: 0,
+        jobs: 0,
+        job_busy_s: 0.0,
     };
     send(&**tx, &ToServer::Stats(held))
         .await

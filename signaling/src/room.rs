@@ -613,6 +613,10 @@ pub struct NodeView {
     pub speed_gmacs: f64,
     /// Seconds the node's engine has spent on this epoch's steps, as it reports them.
     pub busy_s: f64,
+    /// Steps, jobs and job-weighted busy seconds this epoch, as the node reports them.
+    pub steps: u64,
+    pub jobs: u64,
+    pub job_busy_s: f64,
     pub failure: Option<String>,
 }
 
@@ -1043,6 +1047,9 @@ impl Hub {
                     download: [m.progress.0, m.progress.1, m.progress.2],
                     speed_gmacs: m.profile.speed / 1e9,
                     busy_s: m.report.busy_s,
+                    steps: m.report.steps,
+                    jobs: m.report.jobs,
+                    job_busy_s: m.report.job_busy_s,
                     failure: m.failure.clone(),
                 };
                 (at.map_or(usize::MAX, |(i, _)| i), view)

@@ -96,6 +96,9 @@ fn seed_messages() -> Vec<String> {
             queued: 0,
             peak_sequences: 2,
             busy_s: 3.5,
+            steps: 40,
+            jobs: 70,
+            job_busy_s: 6.0,
         }),
         ToServer::Tokens {
             request: 1,
