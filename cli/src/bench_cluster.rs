@@ -439,10 +439,10 @@ struct Work {
 }
 
 /// Each node's [`Work`] over a run, by name.
-type Busy = HashMap<String, Work>;
+type WorkByNode = HashMap<String, Work>;
 
 /// The counters of every node (cumulative over the epoch): busy seconds in `busy`.
-fn counters(ring: &Value) -> Busy {
+fn counters(ring: &Value) -> WorkByNode {
     ring["nodes"]
         .as_array()
         .into_iter()
@@ -462,7 +462,7 @@ fn counters(ring: &Value) -> Busy {
 /// [`load`], and what each node's engine did over it: the counters the nodes report in their
 /// heartbeats (every half second; one after the run has the final figures), the busy seconds
 /// over the run's wall time.
-fn load_busy(url: &str, s: usize, max_tokens: usize) -> Result<((f64, f64, u64), Busy)> {
+fn load_busy(url: &str, s: usize, max_tokens: usize) -> Result<((f64, f64, u64), WorkByNode)> {
     let client = reqwest::blocking::Client::new();
     let before = counters(&get_ring(&client, url)?);
     let t0 = Instant::now();
@@ -500,7 +500,7 @@ struct Measured {
     /// Peak RSS and KV per node over the round best at S = N.
     peaks: Peaks,
     /// How busy each node was in the best run of each S.
-    busy: [Busy; 2],
+    busy: [WorkByNode; 2],
 }
 
 /// How a memory-capped ring ended: the server's status, and (served) tok/s and each node's RSS.
@@ -932,11 +932,11 @@ mod tests {
         // of one job took 90 ms each, the starter's 200 (a head, then the next token's
         // layers) 45 ms each. A token spends 2 × 90 ms in steps and 2 × 10 ms in hops of its
         // 200 ms: no waiting.
-        let ring = [
+        let one_each = [
             (work(200.0, 200.0, 9.0), true),
             (work(100.0, 100.0, 9.0), false),
         ];
-        let t = trip(2, 10.0, 100, &ring, &[10.0, 10.0]);
+        let t = trip(2, 10.0, 100, &one_each, &[10.0, 10.0]);
         assert!(
             close(t.total_ms, 200.0) && close(t.compute_ms, 180.0),
             "{t:?}"
@@ -971,11 +971,7 @@ mod tests {
         );
         assert_eq!(t.batch, Some(1.0));
         // Pings slower than the tokens' own hops: the cell says so instead of a negative wait.
-        let ring = [
-            (work(200.0, 200.0, 9.0), true),
-            (work(100.0, 100.0, 9.0), false),
-        ];
-        let t = trip(2, 10.0, 100, &ring, &[60.0, 60.0]);
+        let t = trip(2, 10.0, 100, &one_each, &[60.0, 60.0]);
         assert!(close(t.waiting_ms, -100.0), "{t:?}");
         assert!(
             t.describe()

@@ -58,7 +58,6 @@ mod inline {
 
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
-    use std::cell::UnsafeCell;
     use std::panic::{catch_unwind, AssertUnwindSafe};
     use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
     use std::sync::{Arc, Condvar, Mutex};
@@ -155,17 +154,16 @@ mod native {
                 return;
             }
             let slots = Slots::new(tasks);
-            let next = AtomicUsize::new(0);
-            let body = || loop {
-                let i = next.fetch_add(1, SeqCst);
-                let Some(task) = slots.take(i) else { break };
-                f(task);
+            let body = || {
+                while let Some(task) = slots.claim() {
+                    f(task);
+                }
             };
             let job = Job { body: &body };
             let shared = &*self.shared;
             shared.panicked.store(false, SeqCst);
             // Retires the job when this function leaves, by return or by unwinding: nothing
-            // may still point at `body`, `slots` or `next` once they are gone.
+            // may still point at `body` or `slots` once they are gone.
             let retire = Retire {
                 shared,
                 running: &self.running,
@@ -215,29 +213,53 @@ mod native {
         }
     }
 
-    /// Each task taken exactly once, by whichever thread claims its index.
-    struct Slots<T>(Vec<UnsafeCell<Option<T>>>);
+    /// The step's tasks, in the caller's own vector: each is moved out exactly once, by
+    /// whichever thread's claim returned its index; those never claimed (a task panicked and
+    /// the step ended early) are dropped with the slots.
+    struct Slots<T> {
+        /// Its length set to zero at once: the vector only frees its buffer, the items are
+        /// moved out by `claim` or dropped by `drop`.
+        tasks: Vec<T>,
+        len: usize,
+        next: AtomicUsize,
+    }
 
-    // SAFETY: a slot is only touched by the one thread whose `fetch_add` returned its index
-    // (see `take`), so the cells are never accessed concurrently; the tasks move to that
-    // thread, hence `T: Send`.
+    // SAFETY: an item is only read by the one thread whose `fetch_add` returned its index, so
+    // no item is touched twice or concurrently; the tasks move to that thread, hence `T: Send`.
     unsafe impl<T: Send> Sync for Slots<T> {}
 
     impl<T> Slots<T> {
-        fn new(tasks: Vec<T>) -> Self {
-            Self(
-                tasks
-                    .into_iter()
-                    .map(|t| UnsafeCell::new(Some(t)))
-                    .collect(),
-            )
+        fn new(mut tasks: Vec<T>) -> Self {
+            let len = tasks.len();
+            // SAFETY: the items stay initialised in the buffer; from here on `claim` and
+            // `drop` own them, and a length of zero keeps the vector from dropping them too.
+            unsafe { tasks.set_len(0) };
+            Self {
+                tasks,
+                len,
+                next: AtomicUsize::new(0),
+            }
         }
 
-        /// The task at `i`, if there is one. Each `i` must come from one claim.
-        fn take(&self, i: usize) -> Option<T> {
-            let cell = self.0.get(i)?;
-            // SAFETY: `i` was returned to this thread alone by the shared counter.
-            unsafe { (*cell.get()).take() }
+        /// The next unclaimed task, moved out; `None` once all are claimed.
+        fn claim(&self) -> Option<T> {
+            let i = self.next.fetch_add(1, SeqCst);
+            // SAFETY: `i < len` is an initialised item that no other claim returned.
+            (i < self.len).then(|| unsafe { self.tasks.as_ptr().add(i).read() })
+        }
+    }
+
+    impl<T> Drop for Slots<T> {
+        fn drop(&mut self) {
+            // Dropped after the step is retired: no thread claims any more.
+            let claimed = self.next.load(SeqCst).min(self.len);
+            let rest = std::ptr::slice_from_raw_parts_mut(
+                // SAFETY: `claimed <= len`, within the buffer.
+                unsafe { self.tasks.as_mut_ptr().add(claimed) },
+                self.len - claimed,
+            );
+            // SAFETY: the items past the last claim were never moved out.
+            unsafe { std::ptr::drop_in_place(rest) };
         }
     }
 
@@ -362,6 +384,30 @@ mod tests {
             count.fetch_add(1, Ordering::SeqCst);
         });
         assert_eq!(count.load(Ordering::SeqCst), 64);
+    }
+
+    #[test]
+    fn every_task_is_dropped_once_also_those_a_panic_left_unclaimed() {
+        struct Counted<'a>(&'a AtomicUsize);
+        impl Drop for Counted<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let pool = Pool::new(2).unwrap();
+        let dropped = AtomicUsize::new(0);
+        let tasks: Vec<(usize, Counted)> = (0..64).map(|i| (i, Counted(&dropped))).collect();
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(tasks, |(i, _counted)| {
+                if i == 3 {
+                    panic!("task {i}");
+                }
+                // Slow enough that the panic ends the step with tasks still unclaimed.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            })
+        }));
+        assert!(caught.is_err());
+        assert_eq!(dropped.load(Ordering::SeqCst), 64);
     }
 
     #[test]
