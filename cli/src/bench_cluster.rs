@@ -45,6 +45,19 @@ pub struct ClusterBench {
     pub backend: String,
     /// Rounds over N = 1..max; each figure is the best of them.
     pub rounds: usize,
+    /// The scaling table's model has `model`'s layers repeated this many times (1: `model`
+    /// itself): the work per token of a deeper model, where no larger checkpoint is at hand.
+    /// The memory table always uses `model`.
+    pub depth: usize,
+}
+
+/// A model file made for this run, removed when dropped.
+struct TempModel(PathBuf);
+
+impl Drop for TempModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 const SUBNET: &str = "10.77.0";
@@ -608,9 +621,22 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
         );
     }
     let mdi = std::env::current_exe()?;
-    let model = b.model.display().to_string();
+    let _deeper;
+    let scaled = if b.depth > 1 {
+        let path = std::env::temp_dir().join(format!(
+            "mdi-bench-{}-layers-x{}.gguf",
+            std::process::id(),
+            b.depth
+        ));
+        _deeper = TempModel(path.clone());
+        crate::files::write_repeated_layers(&b.model, b.depth, &path)?;
+        path
+    } else {
+        b.model.clone()
+    };
+    let (model, original) = (scaled.display().to_string(), b.model.display().to_string());
     // The planner's own costs: multiply-adds per token of each layer and of the head.
-    let opened = crate::open_model(&b.model)?;
+    let opened = crate::open_model(&scaled)?;
     let cost = ModelCost::from_store(opened.store.as_ref(), &opened.config)?;
     drop(opened);
     let mut scaling = Vec::new();
@@ -850,7 +876,7 @@ pub fn run(b: &ClusterBench, stop: Arc<AtomicBool>) -> Result<(Vec<Row>, Vec<Row
         }
         let tag = format!("mdm{}", std::process::id() % 100_000);
         let mut c = Cluster::build(tag, n, b.delay_ms, b.rate_mbit)?;
-        let url = c.start_server(&signaling, &model, n, 2, false)?;
+        let url = c.start_server(&signaling, &original, n, 2, false)?;
         let node_args = c.node_args(b, &budget.to_string());
         for i in 1..=n {
             c.spawn_node(i, &mdi, &url, &node_args, b.cpu, Some(limit))?;

@@ -114,3 +114,127 @@ fn open_hf(dir: &Path) -> Result<Model> {
         store: Box::new(store),
     })
 }
+
+/// Writes `dst`: the GGUF model `src` with its transformer layers repeated `times` over
+/// (layer j of the new model is layer j mod L of the old), everything else as it was. The
+/// result computes like a model `times` as deep with the same widths — the work per token of a
+/// larger model for benchmarks where no larger checkpoint is at hand. Its text means nothing.
+pub fn write_repeated_layers(src: &Path, times: usize, dst: &Path) -> Result<()> {
+    use mdi_core::gguf::{Gguf, GgufWriter, Value};
+    if times == 0 {
+        bail!("layers repeated 0 times make no model");
+    }
+    let source = FileSource::open(src)?;
+    let gguf = Gguf::read(&source).with_context(|| format!("{} is not GGUF", src.display()))?;
+    let arch = gguf
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .context("no general.architecture")?
+        .to_string();
+    let count_key = format!("{arch}.block_count");
+    let layers = gguf
+        .get(&count_key)
+        .and_then(Value::as_u64)
+        .with_context(|| format!("no {count_key}"))? as usize;
+    let mut w = GgufWriter::new();
+    for (key, value) in &gguf.metadata {
+        if *key == count_key {
+            w.metadata(key.clone(), Value::U32((layers * times) as u32));
+        } else {
+            w.metadata(key.clone(), value.clone());
+        }
+    }
+    // (layer, rest of the name) of a block tensor.
+    let block = |name: &str| -> Option<(usize, String)> {
+        let rest = name.strip_prefix("blk.")?;
+        let (i, tail) = rest.split_once('.')?;
+        Some((i.parse().ok()?, tail.to_string()))
+    };
+    let read = |t: &mdi_core::gguf::TensorInfo| gguf.read_bytes(&source, &t.name);
+    for t in gguf.tensors.iter().filter(|t| block(&t.name).is_none()) {
+        w.tensor(t.name.clone(), t.dtype, &t.shape, read(t)?);
+    }
+    for j in 0..layers * times {
+        for t in &gguf.tensors {
+            if let Some((i, tail)) = block(&t.name).filter(|(i, _)| *i == j % layers) {
+                debug_assert_eq!(i, j % layers);
+                w.tensor(format!("blk.{j}.{tail}"), t.dtype, &t.shape, read(t)?);
+            }
+        }
+    }
+    std::fs::write(dst, w.to_bytes()).with_context(|| format!("cannot write {}", dst.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mdi_core::gguf::{Gguf, GgufWriter, Value};
+    use mdi_core::DType;
+
+    #[test]
+    fn repeated_layers_copy_each_layer_in_turn_and_keep_the_rest() {
+        let dir = std::env::temp_dir().join(format!("mdi-repeat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (src, dst) = (dir.join("two.gguf"), dir.join("six.gguf"));
+        // Two layers of two tensors each, with distinct bytes, and tensors outside the layers.
+        let f32s = |seed: f32, n: usize| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| (seed + i as f32).to_le_bytes())
+                .collect()
+        };
+        let mut w = GgufWriter::new();
+        w.metadata("general.architecture", Value::String("llama".into()))
+            .metadata("llama.block_count", Value::U32(2))
+            .metadata("llama.embedding_length", Value::U32(4))
+            .tensor("token_embd.weight", DType::F32, &[3, 4], f32s(100.0, 12))
+            .tensor("output_norm.weight", DType::F32, &[4], f32s(200.0, 4));
+        for l in 0..2 {
+            w.tensor(
+                format!("blk.{l}.attn_q.weight"),
+                DType::F32,
+                &[4, 4],
+                f32s(10.0 * l as f32, 16),
+            )
+            .tensor(
+                format!("blk.{l}.ffn_norm.weight"),
+                DType::F32,
+                &[4],
+                f32s(50.0 + l as f32, 4),
+            );
+        }
+        std::fs::write(&src, w.to_bytes()).unwrap();
+
+        write_repeated_layers(&src, 3, &dst).unwrap();
+        let (a, b) = (
+            FileSource::open(&src).unwrap(),
+            FileSource::open(&dst).unwrap(),
+        );
+        let (ga, gb) = (Gguf::read(&a).unwrap(), Gguf::read(&b).unwrap());
+        assert_eq!(gb.get("llama.block_count").and_then(Value::as_u64), Some(6));
+        assert_eq!(
+            gb.get("llama.embedding_length"),
+            ga.get("llama.embedding_length")
+        );
+        assert_eq!(gb.tensors.len(), 2 + 6 * 2);
+        for name in ["token_embd.weight", "output_norm.weight"] {
+            assert_eq!(
+                gb.read_bytes(&b, name).unwrap(),
+                ga.read_bytes(&a, name).unwrap()
+            );
+        }
+        for j in 0..6 {
+            for tail in ["attn_q.weight", "ffn_norm.weight"] {
+                let new = gb.tensor(&format!("blk.{j}.{tail}")).unwrap();
+                let old = ga.tensor(&format!("blk.{}.{tail}", j % 2)).unwrap();
+                assert_eq!((new.dtype, &new.shape), (old.dtype, &old.shape));
+                assert_eq!(
+                    gb.read_bytes(&b, &new.name).unwrap(),
+                    ga.read_bytes(&a, &old.name).unwrap(),
+                    "blk.{j}.{tail}"
+                );
+            }
+        }
+        assert!(write_repeated_layers(&src, 0, &dst).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

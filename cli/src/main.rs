@@ -197,6 +197,11 @@ struct BenchArgs {
     /// shared machine's speed drifts between minutes).
     #[arg(long, default_value_t = 2)]
     cluster_rounds: usize,
+    /// The scaling table on a deeper model: the model's layers repeated this many times (the
+    /// work per token of a larger model of the same widths; its text means nothing). The
+    /// memory table keeps the model as it is.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    cluster_depth: u16,
     /// Also measure recovery: a server and 3 `mdi node` processes serve 4 streaming clients,
     /// and mid-answer a secondary node is SIGKILLed R times, then the starter R times.
     #[arg(long, value_name = "R")]
@@ -436,11 +441,17 @@ fn run(cli: Cli) -> Result<()> {
                         .map_err(anyhow::Error::msg)?,
                     backend: args.cluster_backend.clone(),
                     rounds: args.cluster_rounds,
+                    depth: args.cluster_depth.into(),
                 };
                 let (scaling, memory) = mdi::bench_cluster::run(&bench, stop)?;
+                let deeper = if bench.depth > 1 {
+                    format!(" with its layers repeated {}× (a deeper model's work per token; its text means nothing)", bench.depth)
+                } else {
+                    String::new()
+                };
                 mdi::bench::print_table(
                     &format!(
-                        "Edge cluster: signaling + 1..{n} mdi node processes in their own network namespaces and cgroups, {}",
+                        "Edge cluster: signaling + 1..{n} mdi node processes in their own network namespaces and cgroups, {}{deeper}",
                         path.display()
                     ),
                     &scaling,

@@ -5,6 +5,7 @@
 //! (defaults: q4_1 1536 576 1). Several matrices (their total larger than the last-level
 //! cache) time the weights streaming from memory, as in decoding; one small matrix times the
 //! kernel with its weights in cache. Weights are random bytes with small f16 scales.
+//! `ISA=avx2` (or another name `Isa::from_name` knows) times that module's kernels instead.
 
 use mdi_core::DType;
 use mdi_cpu::Kernels;
@@ -22,7 +23,12 @@ fn main() {
     let rows: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1536);
     let cols: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(576);
     let mats: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
-    let k = Kernels::best();
+    let k = match std::env::var("ISA") {
+        Ok(name) => mdi_cpu::Isa::from_name(&name)
+            .and_then(Kernels::new)
+            .unwrap_or_else(|| panic!("ISA={name}: not a kernel module this CPU runs")),
+        Err(_) => Kernels::best(),
+    };
     println!("kernels: {}", k.isa());
     let rb = dtype
         .bytes_for(cols)
