@@ -25,16 +25,14 @@ const MIN_TASK_BYTES: usize = 16 * 1024;
 /// leave the other idle for the rest of the matrix.
 const TASKS_PER_THREAD: usize = 2;
 
-/// Values of the per-thread scratch a batched matrix task keeps between steps (1 MiB): a
-/// decode step's largest, the head's share of a thread for a few sequences, fits; a larger
-/// one (long prefills) is allocated for its task and freed after it.
-const SCRATCH_KEPT: usize = 256 * 1024;
+/// The output of a matrix product, shared by the tasks that each write their own rows of it.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
 
-thread_local! {
-    /// Each thread's scratch for a batched matrix task's (rows, tokens) results: allocating
-    /// and zeroing one per task cost ~2% of a batched decode step.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+// SAFETY: the tasks sharing an `Out` write disjoint values (their own rows of every token), and
+// the pool's step returns only after every task has finished, while the output is borrowed.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
 
 /// One transformer block's weights.
 struct Layer {
@@ -489,55 +487,30 @@ impl CpuEngine {
 
     /// For every (W, y): y (n, W.rows) = x (n, W.cols) · Wᵀ. All matrices' rows are cut into
     /// tasks for one parallel step; each task reads its rows once for all n rows of x and
-    /// writes its columns of every row of y (through a small (rows, n) scratch when n > 1, so
-    /// the transposition is spread over the threads too).
+    /// writes its columns of every row of y in place.
     fn matmuls(&self, x: &[f32], jobs: &mut [(&QMatrix, &mut [f32])]) {
         let Some(cols) = jobs.first().map(|(w, _)| w.cols()) else {
             return;
         };
         let n = x.len() / cols;
-        // (W, first row, that task's slice of each of the n rows of y)
-        let mut tasks: Vec<(&QMatrix, usize, Vec<&mut [f32]>)> = Vec::new();
+        // (W, first row, rows, where y starts)
+        let mut tasks: Vec<(&QMatrix, usize, usize, Out)> = Vec::new();
         for (w, y) in jobs.iter_mut() {
             let (rows, per) = (w.rows(), self.rows_per_task(w, n));
-            let first = tasks.len();
-            for i in 0..rows.div_ceil(per) {
-                tasks.push((w, i * per, Vec::with_capacity(n)));
-            }
-            for y_row in y.chunks_mut(rows) {
-                for (i, part) in y_row.chunks_mut(per).enumerate() {
-                    tasks[first + i].2.push(part);
-                }
+            assert_eq!(y.len(), n * rows, "matmul output of {n} × {rows}");
+            let out = Out(y.as_mut_ptr());
+            for r0 in (0..rows).step_by(per.max(1)) {
+                tasks.push((w, r0, per.min(rows - r0), out));
             }
         }
-        self.pool.run(tasks, |(w, r0, mut parts)| {
-            let Some(len) = parts.first().map(|p| p.len()) else {
-                return;
-            };
+        self.pool.run(tasks, |(w, r0, len, out)| {
             let bytes = w.rows_bytes(r0..r0 + len);
-            if let [out] = &mut parts[..] {
-                self.kernels.rows_dot(w.dtype(), bytes, cols, x, out);
-                return;
-            }
-            let mut run = |scratch: &mut [f32]| {
-                // (len, n), every value written by the kernel before it is read.
-                self.kernels.rows_dot(w.dtype(), bytes, cols, x, scratch);
-                for (t, part) in parts.iter_mut().enumerate() {
-                    for (r, y) in part.iter_mut().enumerate() {
-                        *y = scratch[r * n + t];
-                    }
-                }
+            // SAFETY: y holds n rows of W.rows values (checked above) and stays borrowed
+            // until the step has finished; this task alone writes rows r0..r0 + len of each.
+            unsafe {
+                self.kernels
+                    .rows_dot_strided(w.dtype(), bytes, cols, x, out.0.add(r0), 1, w.rows())
             };
-            if len * n > SCRATCH_KEPT {
-                run(&mut vec![0f32; len * n]);
-            } else {
-                SCRATCH.with_borrow_mut(|scratch| {
-                    if scratch.len() < len * n {
-                        scratch.resize(len * n, 0.0);
-                    }
-                    run(&mut scratch[..len * n]);
-                });
-            }
         });
     }
 

@@ -161,6 +161,57 @@ fn rows_dot_matches_scalar_and_oracle_for_every_format() -> Result<()> {
     Ok(())
 }
 
+/// Strided outputs (a task writing its rows of every token's output in place) hold exactly
+/// what the contiguous call computes, and nothing between them is touched.
+#[test]
+fn rows_dot_strided_writes_the_same_values_only_where_told() -> Result<()> {
+    let mut rng = Rng::new(seed());
+    for k in Kernels::available() {
+        for dtype in DType::ALL {
+            let cols = if dtype.is_quantized() { 96 } else { 40 };
+            let rows = 13;
+            let w = quantize(dtype, &random(&mut rng, rows * cols));
+            // One token (single-row kernels), 2..4 (fused), 5, and 17 (the panel kernel).
+            for n in [1usize, 2, 3, 4, 5, 17] {
+                let xs = random(&mut rng, n * cols);
+                let mut want = vec![0f32; rows * n]; // (rows, n)
+                k.rows_dot(dtype, &w, cols, &xs, &mut want);
+                // Token-major with 3 spare values after each token's rows, and row-major
+                // with a spare value after each row.
+                for (rs, ts) in [(1, rows + 3), (n + 1, 1)] {
+                    let len = (rows - 1) * rs + (n - 1) * ts + 1;
+                    let mut got = vec![f32::NAN; len + 2];
+                    // SAFETY: every (r, t) lands inside `got` (its last index is len − 1 + 1),
+                    // which nothing else touches.
+                    unsafe {
+                        k.rows_dot_strided(dtype, &w, cols, &xs, got.as_mut_ptr().add(1), rs, ts)
+                    };
+                    let mut written = vec![false; got.len()];
+                    for r in 0..rows {
+                        for t in 0..n {
+                            let i = 1 + r * rs + t * ts;
+                            written[i] = true;
+                            ensure!(
+                                got[i].to_bits() == want[r * n + t].to_bits(),
+                                "{} {dtype} n {n} stride ({rs}, {ts}): row {r} token {t}: {} vs {}",
+                                k.isa(),
+                                got[i],
+                                want[r * n + t]
+                            );
+                        }
+                    }
+                    ensure!(
+                        got.iter().zip(&written).all(|(v, w)| *w || v.is_nan()),
+                        "{} {dtype} n {n} stride ({rs}, {ts}): wrote outside its outputs",
+                        k.isa()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn dequantize_row_matches_the_reference_for_every_format() -> Result<()> {
     let mut rng = Rng::new(seed());

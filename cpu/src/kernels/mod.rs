@@ -93,6 +93,20 @@ pub struct Kernels {
 // CPU has the module's target features, and the callers below checked the slice lengths the
 // module's kernels rely on.
 macro_rules! dispatch {
+    // Every module's function unsafe, the scalar one too.
+    (unsafe $self:expr, $f:ident ( $($arg:expr),* )) => {
+        match $self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::avx512::$f($($arg),*),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::avx2::$f($($arg),*),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => neon::$f($($arg),*),
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Isa::Simd128 => wasm::$f($($arg),*),
+            _ => scalar::$f($($arg),*),
+        }
+    };
     ($self:expr, $f:ident ( $($arg:expr),* )) => {
         match $self.isa {
             #[cfg(target_arch = "x86_64")]
@@ -140,19 +154,40 @@ impl Kernels {
     /// Panics if the lengths do not describe whole rows (callers size them from validated
     /// shapes).
     pub fn rows_dot(&self, dtype: DType, w: &[u8], cols: usize, xs: &[f32], out: &mut [f32]) {
-        let rb = row_bytes(dtype, cols);
-        assert!(
-            cols > 0 && rb > 0 && w.len().is_multiple_of(rb) && xs.len().is_multiple_of(cols),
-            "rows_dot {dtype}: {} weight bytes, {} inputs for rows of {cols}",
-            w.len(),
-            xs.len()
-        );
-        let (rows, n) = (w.len() / rb, xs.len() / cols);
+        let (rows, n) = rows_and_tokens(dtype, w, cols, xs);
         assert_eq!(out.len(), rows * n, "rows_dot {dtype}: output size");
+        // SAFETY: `out` holds rows × n values, (r, t) at r·n + t, and is borrowed mutably.
+        unsafe { self.rows_dot_strided(dtype, w, cols, xs, out.as_mut_ptr(), n, 1) }
+    }
+
+    /// [`rows_dot`](Self::rows_dot) writing the value of row r and token t to
+    /// `out + r·row_stride + t·token_stride`: with a token stride of a whole output row, each
+    /// task of a batched matrix product writes its rows of every token's output in place.
+    ///
+    /// # Safety
+    /// For every row r and token t of the call, `out + r·row_stride + t·token_stride` must be
+    /// valid for a write of one `f32` that nothing else reads or writes during the call.
+    /// Panics (before writing) if the lengths do not describe whole rows.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows_dot_strided(
+        &self,
+        dtype: DType,
+        w: &[u8],
+        cols: usize,
+        xs: &[f32],
+        out: *mut f32,
+        row_stride: usize,
+        token_stride: usize,
+    ) {
+        let (rows, n) = rows_and_tokens(dtype, w, cols, xs);
         if rows == 0 || n == 0 {
             return;
         }
-        dispatch!(self, rows_dot(dtype, w, cols, xs, out))
+        // SAFETY: the module's features are checked as for `dispatch!`; the caller vouches
+        // for the outputs, and the lengths of `w` and `xs` are checked above.
+        unsafe {
+            dispatch!(unsafe self, rows_dot(dtype, w, cols, xs, out, row_stride, token_stride))
+        }
     }
 
     /// Dequantize one row (`out.len()` values stored as `dtype` in `bytes`).
@@ -207,6 +242,19 @@ impl Kernels {
             attend(q, keys, values, positions, head_dim, scale, scores, out)
         )
     }
+}
+
+/// (rows, tokens) of a matrix product, panicking unless `w` holds whole rows of `cols` values
+/// stored as `dtype` and `xs` whole rows of `cols` activations.
+fn rows_and_tokens(dtype: DType, w: &[u8], cols: usize, xs: &[f32]) -> (usize, usize) {
+    let rb = row_bytes(dtype, cols);
+    assert!(
+        cols > 0 && rb > 0 && w.len().is_multiple_of(rb) && xs.len().is_multiple_of(cols),
+        "rows_dot {dtype}: {} weight bytes, {} inputs for rows of {cols}",
+        w.len(),
+        xs.len()
+    );
+    (w.len() / rb, xs.len() / cols)
 }
 
 /// Bytes of one row of `cols` values stored as `dtype` (0 if `cols` is not whole blocks).
@@ -443,29 +491,31 @@ macro_rules! simd_kernels {
             }
         }
 
-        /// See [`Kernels::rows_dot`](super::Kernels::rows_dot).
+        /// See [`Kernels::rows_dot_strided`](super::Kernels::rows_dot_strided).
         ///
         /// # Safety
-        /// The CPU must have the module's features; the lengths must be as that method checks.
+        /// The CPU must have the module's features; the lengths and outputs must be as that
+        /// method requires.
         $(#[$attr])*
-        pub unsafe fn rows_dot(dtype: DType, w: &[u8], cols: usize, xs: &[f32], out: &mut [f32]) {
+        pub unsafe fn rows_dot(dtype: DType, w: &[u8], cols: usize, xs: &[f32], out: *mut f32, rs: usize, ts: usize) {
             match dtype {
-                DType::F32 => rows_dot_b::<BF32>(w, cols, xs, out),
-                DType::F16 => rows_dot_b::<BF16>(w, cols, xs, out),
-                DType::BF16 => rows_dot_b::<BBf16>(w, cols, xs, out),
-                DType::Q8_0 => rows_dot_b::<BQ8_0>(w, cols, xs, out),
-                DType::Q4_0 => rows_dot_b::<BQ4_0>(w, cols, xs, out),
-                DType::Q4_1 => rows_dot_b::<BQ4_1>(w, cols, xs, out),
+                DType::F32 => rows_dot_b::<BF32>(w, cols, xs, out, rs, ts),
+                DType::F16 => rows_dot_b::<BF16>(w, cols, xs, out, rs, ts),
+                DType::BF16 => rows_dot_b::<BBf16>(w, cols, xs, out, rs, ts),
+                DType::Q8_0 => rows_dot_b::<BQ8_0>(w, cols, xs, out, rs, ts),
+                DType::Q4_0 => rows_dot_b::<BQ4_0>(w, cols, xs, out, rs, ts),
+                DType::Q4_1 => rows_dot_b::<BQ4_1>(w, cols, xs, out, rs, ts),
             }
         }
 
+        /// Row r and token t go to `o + r·rs + t·ts`.
         $(#[$attr])*
-        unsafe fn rows_dot_b<B: Block>(w: &[u8], cols: usize, xs: &[f32], out: &mut [f32]) {
+        unsafe fn rows_dot_b<B: Block>(w: &[u8], cols: usize, xs: &[f32], o: *mut f32, rs: usize, ts: usize) {
             let rb = $crate::kernels::row_bytes(B::DTYPE, cols);
             let (rows, n) = (w.len() / rb, xs.len() / cols);
-            let (w, x, o) = (w.as_ptr(), xs.as_ptr(), out.as_mut_ptr());
+            let (w, x) = (w.as_ptr(), xs.as_ptr());
             if n >= GEMM_MIN {
-                gemm::<B>(w, rb, rows, cols, x, n, o);
+                gemm::<B>(w, rb, rows, cols, x, n, o, rs, ts);
                 return;
             }
             // Tokens in groups of up to 4, each weight block dequantized in registers once per
@@ -475,13 +525,13 @@ macro_rules! simd_kernels {
             let mut t0 = 0;
             while t0 < n {
                 let tn = (n - t0).min(4);
-                let (x, o) = (x.add(t0 * cols), o.add(t0));
+                let (x, o) = (x.add(t0 * cols), o.add(t0 * ts));
                 match tn {
-                    1 if RAW_T1 && B::RAW => raw_rows::<B>(w, rb, rows, cols, x, o, n),
-                    1 => fused_rows::<B, { FUSED_R[0] }, 1, { FUSED_A[0] }>(w, rb, rows, cols, x, o, n),
-                    2 => fused_rows::<B, { FUSED_R[1] }, 2, { FUSED_A[1] }>(w, rb, rows, cols, x, o, n),
-                    3 => fused_rows::<B, { FUSED_R[2] }, 3, { FUSED_A[2] }>(w, rb, rows, cols, x, o, n),
-                    _ => fused_rows::<B, { FUSED_R[3] }, 4, { FUSED_A[3] }>(w, rb, rows, cols, x, o, n),
+                    1 if RAW_T1 && B::RAW => raw_rows::<B>(w, rb, rows, cols, x, o, rs),
+                    1 => fused_rows::<B, { FUSED_R[0] }, 1, { FUSED_A[0] }>(w, rb, rows, cols, x, o, rs, ts),
+                    2 => fused_rows::<B, { FUSED_R[1] }, 2, { FUSED_A[1] }>(w, rb, rows, cols, x, o, rs, ts),
+                    3 => fused_rows::<B, { FUSED_R[2] }, 3, { FUSED_A[2] }>(w, rb, rows, cols, x, o, rs, ts),
+                    _ => fused_rows::<B, { FUSED_R[3] }, 4, { FUSED_A[3] }>(w, rb, rows, cols, x, o, rs, ts),
                 }
                 t0 += tn;
             }
@@ -604,6 +654,7 @@ macro_rules! simd_kernels {
         /// All rows, R at a time (then one at a time), against T tokens.
         $(#[$attr])*
         #[inline]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn fused_rows<B: Block, const R: usize, const T: usize, const A: usize>(
             w: *const u8,
             rb: usize,
@@ -611,22 +662,23 @@ macro_rules! simd_kernels {
             cols: usize,
             x: *const f32,
             out: *mut f32,
-            ld: usize,
+            rs: usize,
+            ts: usize,
         ) {
             let mut r = 0;
             while r + R <= rows {
-                fused::<B, R, T, A>(w.add(r * rb), rb, cols, x, out.add(r * ld), ld);
+                fused::<B, R, T, A>(w.add(r * rb), rb, cols, x, out.add(r * rs), rs, ts);
                 r += R;
             }
             while r < rows {
-                fused::<B, 1, T, A>(w.add(r * rb), rb, cols, x, out.add(r * ld), ld);
+                fused::<B, 1, T, A>(w.add(r * rb), rb, cols, x, out.add(r * rs), rs, ts);
                 r += 1;
             }
         }
 
         /// R stored rows (`rb` bytes apart) against T consecutive activation rows (each `cols`
         /// long), with A accumulators per row and token: each block is dequantized once, in
-        /// registers, for all T. Writes `out[r·ld + t]`.
+        /// registers, for all T. Writes row r, token t to `out + r·rs + t·ts`.
         $(#[$attr])*
         #[inline]
         unsafe fn fused<B: Block, const R: usize, const T: usize, const A: usize>(
@@ -635,7 +687,8 @@ macro_rules! simd_kernels {
             cols: usize,
             x: *const f32,
             out: *mut f32,
-            ld: usize,
+            rs: usize,
+            ts: usize,
         ) {
             let nb = cols / 32;
             let mut acc = [[[zero(); A]; T]; R];
@@ -707,7 +760,7 @@ macro_rules! simd_kernels {
                     for (j, wt) in tail[..cols - done].iter().enumerate() {
                         sum += wt * *x.add(t * cols + done + j);
                     }
-                    *out.add(r * ld + t) = sum;
+                    *out.add(r * rs + t * ts) = sum;
                 }
             }
         }
@@ -715,7 +768,8 @@ macro_rules! simd_kernels {
         /// Many tokens (prefill): dequantize PANEL_R rows into an f32 panel once, then run a
         /// PANEL_R × PANEL_T register tile over all tokens.
         $(#[$attr])*
-        unsafe fn gemm<B: Block>(w: *const u8, rb: usize, rows: usize, cols: usize, x: *const f32, n: usize, out: *mut f32) {
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn gemm<B: Block>(w: *const u8, rb: usize, rows: usize, cols: usize, x: *const f32, n: usize, out: *mut f32, rs: usize, ts: usize) {
             let mut buf = vec![0f32; PANEL_R * cols]; // (PANEL_R, cols)
             let p = buf.as_mut_ptr();
             let mut r = 0;
@@ -732,14 +786,16 @@ macro_rules! simd_kernels {
                 while t + PANEL_T <= n {
                     let acc = micro::<PANEL_T>(p, cols, x.add(t * cols));
                     for i in 0..nr {
-                        out.add((r + i) * n + t).copy_from_nonoverlapping(acc[i].as_ptr(), PANEL_T);
+                        for k in 0..PANEL_T {
+                            *out.add((r + i) * rs + (t + k) * ts) = acc[i][k];
+                        }
                     }
                     t += PANEL_T;
                 }
                 while t < n {
                     let acc = micro::<1>(p, cols, x.add(t * cols));
                     for i in 0..nr {
-                        *out.add((r + i) * n + t) = acc[i][0];
+                        *out.add((r + i) * rs + t * ts) = acc[i][0];
                     }
                     t += 1;
                 }

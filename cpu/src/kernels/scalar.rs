@@ -7,15 +7,26 @@ use mdi_core::DType;
 
 use super::row_bytes;
 
-/// See [`Kernels::rows_dot`](super::Kernels::rows_dot).
-pub fn rows_dot(dtype: DType, w: &[u8], cols: usize, xs: &[f32], out: &mut [f32]) {
+/// See [`Kernels::rows_dot_strided`](super::Kernels::rows_dot_strided).
+///
+/// # Safety
+/// As that method requires: row r, token t is written to `out + r·rs + t·ts`.
+pub unsafe fn rows_dot(
+    dtype: DType,
+    w: &[u8],
+    cols: usize,
+    xs: &[f32],
+    out: *mut f32,
+    rs: usize,
+    ts: usize,
+) {
     let rb = row_bytes(dtype, cols);
-    let n = xs.len() / cols;
     let mut row = vec![0f32; cols]; // (cols)
-    for (wr, o) in w.chunks_exact(rb).zip(out.chunks_exact_mut(n)) {
+    for (r, wr) in w.chunks_exact(rb).enumerate() {
         dequantize(dtype, wr, &mut row);
-        for (o, x) in o.iter_mut().zip(xs.chunks_exact(cols)) {
-            *o = dot(&row, x);
+        for (t, x) in xs.chunks_exact(cols).enumerate() {
+            // SAFETY: the caller vouches for every (row, token) output of the call.
+            unsafe { *out.add(r * rs + t * ts) = dot(&row, x) };
         }
     }
 }
