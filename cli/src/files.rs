@@ -150,16 +150,25 @@ pub fn write_repeated_layers(src: &Path, times: usize, dst: &Path) -> Result<()>
         let (i, tail) = rest.split_once('.')?;
         Some((i.parse().ok()?, tail.to_string()))
     };
-    let read = |t: &mdi_core::gguf::TensorInfo| gguf.read_bytes(&source, &t.name);
-    for t in gguf.tensors.iter().filter(|t| block(&t.name).is_none()) {
-        w.tensor(t.name.clone(), t.dtype, &t.shape, read(t)?);
+    // Each source layer's tensors (name after `blk.N.`, type, shape, bytes), read once.
+    let mut per_layer = vec![Vec::new(); layers];
+    for t in &gguf.tensors {
+        let bytes = gguf.read_bytes(&source, &t.name)?;
+        match block(&t.name) {
+            // (A block past the file's own layer count has no place in the new model.)
+            Some((i, tail)) => {
+                if let Some(layer) = per_layer.get_mut(i) {
+                    layer.push((tail, t.dtype, t.shape.clone(), bytes));
+                }
+            }
+            None => {
+                w.tensor(t.name.clone(), t.dtype, &t.shape, bytes);
+            }
+        }
     }
     for j in 0..layers * times {
-        for t in &gguf.tensors {
-            if let Some((i, tail)) = block(&t.name).filter(|(i, _)| *i == j % layers) {
-                debug_assert_eq!(i, j % layers);
-                w.tensor(format!("blk.{j}.{tail}"), t.dtype, &t.shape, read(t)?);
-            }
+        for (tail, dtype, shape, bytes) in &per_layer[j % layers] {
+            w.tensor(format!("blk.{j}.{tail}"), *dtype, shape, bytes.clone());
         }
     }
     std::fs::write(dst, w.to_bytes()).with_context(|| format!("cannot write {}", dst.display()))

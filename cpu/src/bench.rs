@@ -332,10 +332,10 @@ fn kernel_batch_ratio(
         Role::Up,
         Role::Down,
     ];
-    let head = if store.info(&store.tensor_name(Role::Head, 0)).is_some() {
-        Role::Head
-    } else {
+    let head = if config.tied_embeddings {
         Role::Embed
+    } else {
+        Role::Head
     };
     let names = (0..config.n_layers)
         .flat_map(|layer| roles.map(|role| store.tensor_name(role, layer)))

@@ -499,7 +499,7 @@ impl CpuEngine {
             let (rows, per) = (w.rows(), self.rows_per_task(w, n));
             assert_eq!(y.len(), n * rows, "matmul output of {n} × {rows}");
             let out = Out(y.as_mut_ptr());
-            for r0 in (0..rows).step_by(per.max(1)) {
+            for r0 in (0..rows).step_by(per) {
                 tasks.push((w, r0, per.min(rows - r0), out));
             }
         }
