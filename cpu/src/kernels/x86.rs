@@ -12,7 +12,7 @@ pub(super) fn avx2_supported() -> bool {
 }
 
 pub(super) fn avx512_supported() -> bool {
-    avx2_supported() && is_x86_feature_detected!("avx512f")
+    avx2_supported() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
 }
 
 pub(super) mod avx512 {
@@ -38,54 +38,54 @@ pub(super) mod avx512 {
     const RAW_R: usize = 1;
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn zero() -> V {
         _mm512_setzero_ps()
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn splat(v: f32) -> V {
         _mm512_set1_ps(v)
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn fma(a: V, b: V, c: V) -> V {
         _mm512_fmadd_ps(a, b, c)
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn add(a: V, b: V) -> V {
         _mm512_add_ps(a, b)
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn mul(a: V, b: V) -> V {
         _mm512_mul_ps(a, b)
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn loadu(p: *const f32) -> V {
         _mm512_loadu_ps(p)
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn storeu(p: *mut f32, v: V) {
         _mm512_storeu_ps(p, v)
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn prefetch(p: *const u8) {
         _mm_prefetch::<_MM_HINT_T0>(p.cast());
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn hsum(v: V) -> f32 {
         _mm512_reduce_add_ps(v)
     }
     /// Horizontal sums of four vectors at once: pairwise adds across them before the lanes
     /// are folded, a third of the shuffles of four separate sums.
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn hsum4(v: [V; 4]) -> [f32; 4] {
         let ab = _mm512_add_ps(
             _mm512_unpacklo_ps(v[0], v[1]),
@@ -109,47 +109,98 @@ pub(super) mod avx512 {
         _mm_storeu_ps(out.as_mut_ptr(), q);
         out
     }
-    /// The scales of `n` ≤ 16 blocks `stride` bytes apart in one masked gather: the dword at
-    /// each block's start holds its f16 scale (low half) and, for Q4_1, its f16 minimum.
+    /// Where the scales of 16 blocks are, as 16-bit words from the first block's start:
+    /// lane k (of 32) takes word `words[k]`. Two-source word permutes over each 128 bytes
+    /// pick them (a gather of 16 values costs tens of cycles on current cores).
+    struct Picks {
+        /// Each lane's word within its 128-byte pair of vectors.
+        idx: [i16; 32],
+        /// The lanes each pair of vectors fills.
+        pair_lanes: [u32; 4],
+    }
+    /// The picks for blocks `stride` words long: lane k the first word of block k, and lane
+    /// 16 + k its second (with `second`, Q4_1's minimum).
+    const fn picks(stride: usize, second: bool) -> Picks {
+        let mut p = Picks {
+            idx: [0; 32],
+            pair_lanes: [0; 4],
+        };
+        let mut k = 0;
+        while k < 32 {
+            if k < 16 || second {
+                let w = stride * (k % 16) + k / 16;
+                p.idx[k] = (w % 64) as i16;
+                p.pair_lanes[w / 64] |= 1 << k;
+            }
+            k += 1;
+        }
+        p
+    }
+    /// The picked words of `n` ≤ 16 blocks at `p`, `stride` words each (only their bytes are
+    /// read: masked loads); lanes of blocks past `n` are zero.
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn gather_halves(p: *const u8, stride: i32, n: usize) -> (V, V) {
-        let offsets = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(stride),
-        );
-        // Lanes past `n` stay unread: the mask keeps the gather inside the row.
-        let mask: __mmask16 = if n >= 16 { 0xffff } else { (1u16 << n) - 1 };
-        let dw = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, offsets, p.cast());
-        let lo = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw));
-        let hi = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dw)));
-        (lo, hi)
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn pick_words(p: *const u8, picks: &Picks, n: usize, stride: usize) -> __m512i {
+        if n == 16 {
+            // Whole groups (most of a row): masks known at compile time, nothing tested.
+            pick_words_of(p, picks, 16, stride)
+        } else {
+            pick_words_of(p, picks, n, stride)
+        }
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn pick_words_of(p: *const u8, picks: &Picks, n: usize, stride: usize) -> __m512i {
+        let readable = n * stride;
+        let block_lanes = if n >= 16 { 0xffff } else { (1u32 << n) - 1 };
+        let want = block_lanes | block_lanes << 16;
+        let idx = _mm512_loadu_si512(picks.idx.as_ptr().cast());
+        let load = |first: usize| -> __m512i {
+            let n = readable.saturating_sub(first).min(32);
+            let mask: __mmask32 = if n >= 32 { !0 } else { (1u32 << n) - 1 };
+            _mm512_maskz_loadu_epi16(mask, p.add(2 * first).cast())
+        };
+        let mut out = _mm512_setzero_si512();
+        for (pair, &lanes) in picks.pair_lanes.iter().enumerate() {
+            let lanes = lanes & want;
+            if lanes != 0 {
+                let (a, b) = (load(64 * pair), load(64 * pair + 32));
+                out = _mm512_or_si512(out, _mm512_maskz_permutex2var_epi16(lanes, a, idx, b));
+            }
+        }
+        out
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn scales_q8_0(p: *const u8, n: usize, s: &mut Scales) {
-        let (d, _) = gather_halves(p, 34, n);
-        _mm512_storeu_ps(s.d.as_mut_ptr(), d);
+        const P: Picks = picks(17, false);
+        let h = pick_words(p, &P, n, 17);
+        _mm512_storeu_ps(s.d.as_mut_ptr(), _mm512_cvtph_ps(_mm512_castsi512_si256(h)));
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn scales_q4_0(p: *const u8, n: usize, s: &mut Scales) {
-        let (d, _) = gather_halves(p, 18, n);
+        const P: Picks = picks(9, false);
+        let d = _mm512_cvtph_ps(_mm512_castsi512_si256(pick_words(p, &P, n, 9)));
         _mm512_storeu_ps(s.d.as_mut_ptr(), d);
         _mm512_storeu_ps(s.o.as_mut_ptr(), _mm512_mul_ps(d, _mm512_set1_ps(-8.0)));
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn scales_q4_1(p: *const u8, n: usize, s: &mut Scales) {
-        let (d, m) = gather_halves(p, 20, n);
-        _mm512_storeu_ps(s.d.as_mut_ptr(), d);
-        _mm512_storeu_ps(s.o.as_mut_ptr(), m);
+        const P: Picks = picks(10, true);
+        let h = pick_words(p, &P, n, 10);
+        _mm512_storeu_ps(s.d.as_mut_ptr(), _mm512_cvtph_ps(_mm512_castsi512_si256(h)));
+        _mm512_storeu_ps(
+            s.o.as_mut_ptr(),
+            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h)),
+        );
     }
     /// 32 nibble values through a 16-entry table of their dequantized values
     /// (`table[q] = q·d + o` in one rounding): `vpermps` reads only the low 4 bits of each
     /// index, so the low nibbles need no mask and nothing is converted per value.
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn nibbles(q: *const u8, d: f32, o: f32) -> [V; NB] {
         let steps = _mm512_setr_ps(
             0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
@@ -162,12 +213,12 @@ pub(super) mod avx512 {
         ]
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn blk_f32(p: *const u8) -> [V; NB] {
         [_mm512_loadu_ps(p.cast()), _mm512_loadu_ps(p.add(64).cast())]
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn blk_f16(p: *const u8) -> [V; NB] {
         [
             _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
@@ -175,18 +226,18 @@ pub(super) mod avx512 {
         ]
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn bf16x16(q: *const u8) -> V {
         let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(q.cast()));
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w))
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn blk_bf16(p: *const u8) -> [V; NB] {
         [bf16x16(p), bf16x16(p.add(32))]
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn blk_q8_0(p: *const u8, s: &Scales, j: usize) -> [V; NB] {
         let d = _mm512_set1_ps(s.d[j]);
         let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(2).cast())));
@@ -195,7 +246,7 @@ pub(super) mod avx512 {
     }
     /// 16 nibble bytes → values 0..16 (low nibbles), 16..32 (high), unscaled.
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn raw_q4(q: *const u8) -> [V; NB] {
         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.cast()));
         [
@@ -204,18 +255,18 @@ pub(super) mod avx512 {
         ]
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn blk_q4_0(p: *const u8, s: &Scales, j: usize) -> [V; NB] {
         // o = −8·d: (q − 8)·d as q·d − 8d, one rounding, the scalar path's value.
         nibbles(p.add(2), s.d[j], s.o[j])
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn blk_q4_1(p: *const u8, s: &Scales, j: usize) -> [V; NB] {
         nibbles(p.add(4), s.d[j], s.o[j])
     }
 
-    super::super::simd_kernels!(#[target_feature(enable = "avx512f,avx2,fma,f16c")]);
+    super::super::simd_kernels!(#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]);
 }
 
 pub(super) mod avx2 {
