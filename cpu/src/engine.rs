@@ -21,9 +21,10 @@ use crate::pool::Pool;
 /// Weight bytes a parallel task should at least cover, so that tiny matrices are not split
 /// into tasks that cost more to hand out than to run.
 const MIN_TASK_BYTES: usize = 16 * 1024;
-/// Tasks per thread for each matrix: a little slack so a thread held up by the OS does not
-/// leave the other idle for the rest of the matrix.
-const TASKS_PER_THREAD: usize = 2;
+/// Each task of a step takes this share of what is left per thread (guided scheduling):
+/// large tasks first, few hand-outs; small ones last, so threads end a step together even
+/// when one ran slower for a while (its neighbour on a shared core, the OS).
+const GUIDE: usize = 2;
 
 /// The output of a matrix product, shared by the tasks that each write their own rows of it.
 #[derive(Clone, Copy)]
@@ -33,6 +34,13 @@ struct Out(*mut f32);
 // the pool's step returns only after every task has finished, while the output is borrowed.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer (a method, so closures capture the whole `Out`, not its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// One transformer block's weights.
 struct Layer {
@@ -419,8 +427,7 @@ impl CpuEngine {
 
             // Feed-forward: x += down(silu(gate·norm(x)) ⊙ up·norm(x))
             rmsnorm_rows(x, &w.ffn_norm, c.norm_eps, &mut xn);
-            self.matmuls(&xn, &mut [(&w.gate, &mut gate[..]), (&w.up, &mut up[..])]);
-            self.swiglu(&mut gate, &up);
+            self.gate_up(&xn, &w.gate, &w.up, &mut gate, &mut up);
             self.matmuls(&gate, &mut [(&w.down, &mut proj[..])]);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
@@ -473,16 +480,26 @@ impl CpuEngine {
         });
     }
 
-    /// gate = silu(gate) ⊙ up, split over the pool when there are many rows (prefill).
-    fn swiglu(&self, gate: &mut [f32], up: &[f32]) {
-        const CHUNK: usize = 16 * 1024;
-        let f = |(g, u): (&mut [f32], &[f32])| silu_mul(g, u);
-        if gate.len() <= CHUNK || self.pool.threads() == 1 {
-            f((gate, up));
-        } else {
-            let tasks: Vec<_> = gate.chunks_mut(CHUNK).zip(up.chunks(CHUNK)).collect();
-            self.pool.run(tasks, f);
+    /// Cut rows `0..rows` of a step's matrices (`row_bytes` per row, all of them together)
+    /// into tasks, in the order the pool hands them out; `left` is the step's weight bytes not
+    /// yet cut. One thread takes everything in one task.
+    fn cut(&self, rows: usize, row_bytes: usize, left: &mut usize) -> Vec<(usize, usize)> {
+        let threads = self.pool.threads();
+        if threads == 1 {
+            return vec![(0, rows)];
         }
+        let row_bytes = row_bytes.max(1);
+        let mut cuts = Vec::new();
+        let mut r0 = 0;
+        while r0 < rows {
+            let bytes = (*left / (threads * GUIDE)).max(MIN_TASK_BYTES);
+            // Whole groups of the kernels' rows: 2, 4 or 6 in a panel, up to 4 fused.
+            let len = (bytes.div_ceil(row_bytes).div_ceil(12) * 12).min(rows - r0);
+            cuts.push((r0, len));
+            *left = left.saturating_sub(len * row_bytes);
+            r0 += len;
+        }
+        cuts
     }
 
     /// For every (W, y): y (n, W.rows) = x (n, W.cols) · Wᵀ. All matrices' rows are cut into
@@ -493,39 +510,68 @@ impl CpuEngine {
             return;
         };
         let n = x.len() / cols;
+        let mut left = jobs.iter().map(|(w, _)| w.rows() * w.row_bytes()).sum();
         // (W, first row, rows, where y starts)
         let mut tasks: Vec<(&QMatrix, usize, usize, Out)> = Vec::new();
         for (w, y) in jobs.iter_mut() {
-            let (rows, per) = (w.rows(), self.rows_per_task(w, n));
+            let rows = w.rows();
             assert_eq!(y.len(), n * rows, "matmul output of {n} × {rows}");
             let out = Out(y.as_mut_ptr());
-            for r0 in (0..rows).step_by(per) {
-                tasks.push((w, r0, per.min(rows - r0), out));
+            for (r0, len) in self.cut(rows, w.row_bytes(), &mut left) {
+                tasks.push((w, r0, len, out));
             }
         }
         self.pool.run(tasks, |(w, r0, len, out)| {
-            let bytes = w.rows_bytes(r0..r0 + len);
             // SAFETY: y holds n rows of W.rows values (checked above) and stays borrowed
             // until the step has finished; this task alone writes rows r0..r0 + len of each.
-            unsafe {
-                self.kernels
-                    .rows_dot_strided(w.dtype(), bytes, cols, x, out.0.add(r0), 1, w.rows())
-            };
+            unsafe { self.rows_into(w, r0, len, x, out.get()) };
         });
     }
 
-    fn rows_per_task(&self, w: &QMatrix, n: usize) -> usize {
-        let threads = self.pool.threads();
-        if threads == 1 {
-            return w.rows().max(1);
-        }
-        let mut per = w.rows().div_ceil(threads * TASKS_PER_THREAD);
-        per = per.max(MIN_TASK_BYTES.div_ceil(w.row_bytes().max(1)));
-        if n > 4 {
-            // Whole panels of the many-token kernels (6, 4 or 2 rows).
-            per = per.div_ceil(12) * 12;
-        }
-        per.clamp(1, w.rows().max(1))
+    /// Rows r0..r0 + len of W against every row of x, into `out + t·W.rows + r` (token t, row
+    /// r).
+    ///
+    /// # Safety
+    /// `out` must hold x's rows × W.rows values that no other thread touches at those places.
+    unsafe fn rows_into(&self, w: &QMatrix, r0: usize, len: usize, x: &[f32], out: *mut f32) {
+        let bytes = w.rows_bytes(r0..r0 + len);
+        // SAFETY: as the caller promises; the kernel checks the lengths of `bytes` and `x`.
+        unsafe {
+            self.kernels
+                .rows_dot_strided(w.dtype(), bytes, w.cols(), x, out.add(r0), 1, w.rows())
+        };
+    }
+
+    /// gate = silu(x · gateᵀ) ⊙ (x · upᵀ), both (n, ffn): each task computes the same rows of
+    /// both matrices for every row of x and combines them while they are still in cache, so
+    /// the activation takes no step (or serial pass) of its own.
+    fn gate_up(&self, x: &[f32], wg: &QMatrix, wu: &QMatrix, gate: &mut [f32], up: &mut [f32]) {
+        let (rows, cols) = (wg.rows(), wg.cols());
+        let n = x.len() / cols;
+        assert_eq!((wu.rows(), wu.cols()), (rows, cols), "gate and up shapes");
+        assert!(
+            gate.len() == n * rows && up.len() == n * rows,
+            "gate/up output of {n} × {rows}"
+        );
+        let mut left = rows * (wg.row_bytes() + wu.row_bytes());
+        let (g, u) = (Out(gate.as_mut_ptr()), Out(up.as_mut_ptr()));
+        let tasks = self.cut(rows, wg.row_bytes() + wu.row_bytes(), &mut left);
+        self.pool.run(tasks, |(r0, len)| {
+            // SAFETY: gate and up hold n × rows values (checked above) and stay borrowed until
+            // the step has finished; this task alone touches rows r0..r0 + len of each token.
+            unsafe {
+                let (g, u) = (g.get(), u.get());
+                self.rows_into(wg, r0, len, x, g);
+                self.rows_into(wu, r0, len, x, u);
+                for t in 0..n {
+                    let at = t * rows + r0;
+                    silu_mul(
+                        std::slice::from_raw_parts_mut(g.add(at), len),
+                        std::slice::from_raw_parts(u.add(at), len),
+                    );
+                }
+            }
+        });
     }
 
     /// A head input must be one hidden row.
@@ -547,18 +593,46 @@ impl CpuEngine {
         ))
     }
 
-    /// Final norm + LM head on rows (m, hidden): logits (m, vocab).
-    fn head_rows(&self, hidden: &[f32]) -> Result<Vec<f32>> {
+    /// Final norm + LM head on rows (m, hidden): logits (m, vocab), and with `argmax` each
+    /// row's greedy token, which the head's tasks find in the logits they computed while those
+    /// are still in cache (a serial pass over m × vocab values otherwise).
+    fn head_rows(&self, hidden: &[f32], argmax: bool) -> Result<(Vec<f32>, Vec<u32>)> {
         let c = &self.config;
         let (Some(norm), Some(head)) = (&self.output_norm, self.head_matrix()) else {
             return Err(self.no_head());
         };
-        let m = hidden.len() / c.hidden;
+        let (m, vocab) = (hidden.len() / c.hidden, head.rows());
         let mut normed = vec![0f32; hidden.len()]; // (m, hidden)
         rmsnorm_rows(hidden, norm, c.norm_eps, &mut normed);
-        let mut logits = vec![0f32; m * c.vocab]; // (m, vocab)
-        self.matmuls(&normed, &mut [(head, &mut logits[..])]);
-        Ok(logits)
+        let mut logits = vec![0f32; m * vocab]; // (m, vocab)
+        let mut left = vocab * head.row_bytes();
+        let cuts = self.cut(vocab, head.row_bytes(), &mut left);
+        // Each task's largest logit per row: (index, value), in the tasks' vocabulary order.
+        let mut best = vec![None; cuts.len() * m];
+        let out = Out(logits.as_mut_ptr());
+        let tasks: Vec<_> = cuts.into_iter().zip(best.chunks_mut(m.max(1))).collect();
+        self.pool.run(tasks, |((r0, len), best)| {
+            // SAFETY: logits holds m × vocab values and stays borrowed until the step has
+            // finished; this task alone touches vocabulary rows r0..r0 + len of each row.
+            unsafe {
+                let out = out.get();
+                self.rows_into(head, r0, len, &normed, out);
+                if argmax {
+                    for (t, b) in best.iter_mut().enumerate() {
+                        let row = std::slice::from_raw_parts(out.add(t * vocab + r0), len);
+                        *b = max_index(row).map(|(i, v)| (r0 + i, v));
+                    }
+                }
+            }
+        });
+        let tokens = if argmax {
+            (0..m)
+                .map(|t| first_max(logits[t * vocab], best.chunks(m).map(|b| b[t])))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok((logits, tokens))
     }
 
     /// Run a batch of checked sequences whose rows are `x`; outputs in `seqs` order.
@@ -582,13 +656,14 @@ impl CpuEngine {
         }
         if !last_rows.is_empty() {
             let vocab = self.config.vocab;
-            match self.head_rows(&last_rows) {
-                Ok(logits) => {
-                    let mut rows = logits.chunks_exact(vocab);
+            let argmax = seqs.iter().any(|s| s.want == Want::Argmax);
+            match self.head_rows(&last_rows, argmax) {
+                Ok((logits, tokens)) => {
+                    let mut rows = logits.chunks_exact(vocab).enumerate();
                     for (s, o) in seqs.iter().zip(outputs.iter_mut()) {
                         if o.is_none() {
-                            let l = rows.next().unwrap_or(&[]);
-                            *o = Some(Ok(head_output(s.want, l)));
+                            let (i, l) = rows.next().unwrap_or((0, &[]));
+                            *o = Some(Ok(head_output(s.want, l, tokens.get(i).copied())));
                         }
                     }
                 }
@@ -640,9 +715,9 @@ impl StageEngine for CpuEngine {
 
     fn head(&mut self, hidden: &[f32], want: Want) -> Result<StageOutput> {
         self.check_head_row(hidden)?;
-        let logits = self.head_rows(hidden)?;
-        Ok(match want {
-            Want::Argmax => StageOutput::Token(argmax(&logits)),
+        let (logits, tokens) = self.head_rows(hidden, want == Want::Argmax)?;
+        Ok(match (want, tokens.first()) {
+            (Want::Argmax, Some(&token)) => StageOutput::Token(token),
             _ => StageOutput::Logits(logits),
         })
     }
@@ -660,10 +735,12 @@ impl StageEngine for CpuEngine {
             for &i in &valid {
                 x.extend_from_slice(rows[i].0);
             }
-            match self.head_rows(&x) {
-                Ok(logits) => {
-                    for (&i, l) in valid.iter().zip(logits.chunks_exact(self.config.vocab)) {
-                        results[i] = Some(Ok(head_output(rows[i].1, l)));
+            let argmax = valid.iter().any(|&i| rows[i].1 == Want::Argmax);
+            match self.head_rows(&x, argmax) {
+                Ok((logits, tokens)) => {
+                    let logits = logits.chunks_exact(self.config.vocab);
+                    for (k, (&i, l)) in valid.iter().zip(logits).enumerate() {
+                        results[i] = Some(Ok(head_output(rows[i].1, l, tokens.get(k).copied())));
                     }
                 }
                 Err(_) => {
@@ -714,12 +791,50 @@ impl StageEngine for CpuEngine {
     }
 }
 
-/// One row's logits as the sequence asked for them: its greedy token, or the logits.
-fn head_output(want: Want, logits: &[f32]) -> StageOutput {
+/// One row's logits as the sequence asked for them: its greedy token (found by the head's
+/// tasks, or here), or the logits.
+fn head_output(want: Want, logits: &[f32], token: Option<u32>) -> StageOutput {
     match want {
-        Want::Argmax => StageOutput::Token(argmax(logits)),
+        Want::Argmax => StageOutput::Token(token.unwrap_or_else(|| argmax(logits))),
         _ => StageOutput::Logits(logits.to_vec()),
     }
+}
+
+/// The first index of the largest value of `v` above −∞, and that value; `None` when there is
+/// none (NaN never wins). Lane-wise maxima first, which vectorize, then one search for the
+/// first place that holds the largest.
+fn max_index(v: &[f32]) -> Option<(usize, f32)> {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = v.chunks_exact(16);
+    let mut top = f32::NEG_INFINITY;
+    for &x in chunks.remainder() {
+        top = if x > top { x } else { top };
+    }
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    for x in lanes {
+        top = if x > top { x } else { top };
+    }
+    if top == f32::NEG_INFINITY {
+        return None;
+    }
+    v.iter().position(|&x| x == top).map(|i| (i, top))
+}
+
+/// The greedy token of one row from its parts' [`max_index`] results in vocabulary order,
+/// `first` being the row's first logit: the token [`argmax`] picks over the whole row (the
+/// first index whose value beats every value before it), ties and NaNs included.
+fn first_max(first: f32, parts: impl Iterator<Item = Option<(usize, f32)>>) -> u32 {
+    let mut best = (0, first);
+    for (i, v) in parts.flatten() {
+        if v > best.1 {
+            best = (i, v);
+        }
+    }
+    best.0 as u32
 }
 
 /// out = x / rms(x) · weight, row by row.
@@ -838,5 +953,47 @@ mod tests {
         let want: f64 = gate.iter().map(|v| (*v as f64) * (*v as f64)).sum();
         let got = sum_squares(&gate) as f64;
         assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+    }
+
+    #[test]
+    fn greedy_token_from_parts_is_the_whole_rows_argmax() {
+        // Values from a small set (ties everywhere), with NaN and infinities mixed in, rows of
+        // 1..300 values cut into parts at random places: the parts' maxima, combined in
+        // order, pick the token `argmax` picks over the whole row.
+        let values = [
+            -2.5,
+            -1.0,
+            0.0,
+            0.5,
+            3.0,
+            f32::NAN,
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % m as u64) as usize
+        };
+        for case in 0..4000 {
+            let len = 1 + next(300);
+            // Fewer kinds of values in some rows: long runs of ties, or all −∞ / NaN.
+            let kinds = 1 + next(values.len());
+            let offset = next(values.len());
+            let row: Vec<f32> = (0..len)
+                .map(|_| values[(offset + next(kinds)) % values.len()])
+                .collect();
+            let mut parts = Vec::new();
+            let mut start = 0;
+            while start < len {
+                let n = (1 + next(70)).min(len - start);
+                parts.push(max_index(&row[start..start + n]).map(|(i, v)| (start + i, v)));
+                start += n;
+            }
+            let got = first_max(row[0], parts.into_iter());
+            assert_eq!(got, argmax(&row), "case {case}: {row:?}");
+        }
     }
 }
