@@ -29,7 +29,7 @@ pub enum Isa {
     Scalar,
     /// x86_64 AVX2 + FMA + F16C.
     Avx2,
-    /// x86_64 AVX-512F (with AVX2, FMA, F16C).
+    /// x86_64 AVX-512F and AVX-512BW (with AVX2, FMA, F16C).
     Avx512,
     /// aarch64 Advanced SIMD.
     Neon,
@@ -292,8 +292,8 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
 
 /// Block scales of up to [`SCALE_GROUP`] consecutive blocks of a row, converted to f32 in one
 /// pass before their blocks are dequantized: `d` the scales, `o` the offsets (Q4_1's `m`, or
-/// −8·d for Q4_0). Converting them together (a gather and one conversion on AVX-512) instead of
-/// block by block takes most of the per-block work out of the single-token dot product, and
+/// −8·d for Q4_0). Converting them together (word permutes over a few loads and one conversion
+/// on AVX-512) instead of block by block takes most of the per-block work out of the single-token dot product, and
 /// the per-block broadcasts then read memory instead of occupying a shuffle port.
 #[derive(Clone, Copy)]
 #[allow(dead_code)] // the scalar build of wasm has no SIMD module to use it
