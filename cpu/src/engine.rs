@@ -10,13 +10,13 @@
 
 use mdi_core::config::RopeLayout;
 use mdi_core::engine::{BatchItem, StageEngine, StageInput, StageOutput, Want};
-use mdi_core::sampling::argmax;
 use mdi_core::weights::{LayerWeights, RawTensor, StageSpec, StageWeights};
 use mdi_core::{Config, Error, Result};
 
 use crate::kernels::Kernels;
 use crate::matrix::{vector, QMatrix};
 use crate::pool::Pool;
+use std::sync::Mutex;
 
 /// Weight bytes a parallel task should at least cover, so that tiny matrices are not split
 /// into tasks that cost more to hand out than to run.
@@ -101,6 +101,10 @@ pub struct CpuEngine {
     head: Option<QMatrix>,
     /// RoPE frequency of each dimension pair, (head_dim / 2).
     inv_freq: Vec<f64>,
+    /// The head's logits, (rows, vocab), kept between calls: a fresh zeroed buffer per token
+    /// (196 KB a row for the default model) cost page faults and a memset every step. Its size
+    /// is the largest number of head rows one call has had (at most one per sequence).
+    logits: Mutex<Vec<f32>>,
 }
 
 /// One valid sequence of a batch while it runs.
@@ -203,6 +207,7 @@ impl CpuEngine {
             head,
             inv_freq,
             config,
+            logits: Mutex::new(Vec::new()),
         })
     }
 
@@ -593,18 +598,29 @@ impl CpuEngine {
         ))
     }
 
-    /// Final norm + LM head on rows (m, hidden): logits (m, vocab), and with `argmax` each
-    /// row's greedy token, which the head's tasks find in the logits they computed while those
-    /// are still in cache (a serial pass over m × vocab values otherwise).
-    fn head_rows(&self, hidden: &[f32], argmax: bool) -> Result<(Vec<f32>, Vec<u32>)> {
+    /// Final norm + LM head on rows (m, hidden), one per entry of `wants`: each row's greedy
+    /// token or its logits. The head's tasks find the greedy tokens in the logits they
+    /// computed while those are still in cache (a serial pass over m × vocab values otherwise).
+    fn head_rows(&self, hidden: &[f32], wants: &[Want]) -> Result<Vec<StageOutput>> {
         let c = &self.config;
         let (Some(norm), Some(head)) = (&self.output_norm, self.head_matrix()) else {
             return Err(self.no_head());
         };
         let (m, vocab) = (hidden.len() / c.hidden, head.rows());
+        if wants.len() != m {
+            return Err(Error::Engine(format!(
+                "{m} head rows for {} outputs",
+                wants.len()
+            )));
+        }
         let mut normed = vec![0f32; hidden.len()]; // (m, hidden)
         rmsnorm_rows(hidden, norm, c.norm_eps, &mut normed);
-        let mut logits = vec![0f32; m * vocab]; // (m, vocab)
+        let mut logits = self.logits.lock().unwrap_or_else(|e| e.into_inner());
+        if logits.len() < m * vocab {
+            logits.resize(m * vocab, 0.0);
+        }
+        let logits = &mut logits[..m * vocab]; // (m, vocab): every value written below
+        let argmax = wants.contains(&Want::Argmax);
         let mut left = vocab * head.row_bytes();
         let cuts = self.cut(vocab, head.row_bytes(), &mut left);
         // Each task's largest logit per row: (index, value), in the tasks' vocabulary order.
@@ -625,14 +641,15 @@ impl CpuEngine {
                 }
             }
         });
-        let tokens = if argmax {
-            (0..m)
-                .map(|t| first_max(logits[t * vocab], best.chunks(m).map(|b| b[t])))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Ok((logits, tokens))
+        Ok(wants
+            .iter()
+            .zip(logits.chunks_exact(vocab))
+            .enumerate()
+            .map(|(t, (want, row))| match want {
+                Want::Argmax => StageOutput::Token(first_max(row[0], best.chunks(m).map(|b| b[t]))),
+                _ => StageOutput::Logits(row.to_vec()),
+            })
+            .collect())
     }
 
     /// Run a batch of checked sequences whose rows are `x`; outputs in `seqs` order.
@@ -641,7 +658,7 @@ impl CpuEngine {
         self.layers(seqs, &mut x);
         let mut outputs: Vec<Option<Result<StageOutput>>> = Vec::with_capacity(seqs.len());
         // The last rows of the sequences that want the head, run through it together.
-        let mut last_rows = Vec::new();
+        let (mut last_rows, mut wants) = (Vec::new(), Vec::new());
         let mut start = 0;
         for s in seqs.iter_mut() {
             s.cache.len += s.rows;
@@ -651,20 +668,16 @@ impl CpuEngine {
                 outputs.push(Some(Ok(StageOutput::Hidden(rows.to_vec()))));
             } else {
                 last_rows.extend_from_slice(&rows[(s.rows - 1) * hidden..]);
+                wants.push(s.want);
                 outputs.push(None);
             }
         }
         if !last_rows.is_empty() {
-            let vocab = self.config.vocab;
-            let argmax = seqs.iter().any(|s| s.want == Want::Argmax);
-            match self.head_rows(&last_rows, argmax) {
-                Ok((logits, tokens)) => {
-                    let mut rows = logits.chunks_exact(vocab).enumerate();
-                    for (s, o) in seqs.iter().zip(outputs.iter_mut()) {
-                        if o.is_none() {
-                            let (i, l) = rows.next().unwrap_or((0, &[]));
-                            *o = Some(Ok(head_output(s.want, l, tokens.get(i).copied())));
-                        }
+            match self.head_rows(&last_rows, &wants) {
+                Ok(heads) => {
+                    let mut heads = heads.into_iter();
+                    for o in outputs.iter_mut().filter(|o| o.is_none()) {
+                        *o = heads.next().map(Ok);
                     }
                 }
                 Err(e) => {
@@ -715,11 +728,9 @@ impl StageEngine for CpuEngine {
 
     fn head(&mut self, hidden: &[f32], want: Want) -> Result<StageOutput> {
         self.check_head_row(hidden)?;
-        let (logits, tokens) = self.head_rows(hidden, want == Want::Argmax)?;
-        Ok(match (want, tokens.first()) {
-            (Want::Argmax, Some(&token)) => StageOutput::Token(token),
-            _ => StageOutput::Logits(logits),
-        })
+        self.head_rows(hidden, &[want])?
+            .pop()
+            .ok_or_else(|| Error::Engine("no head output".into()))
     }
 
     /// All valid rows through the final norm and the head matrix together: the matrix (the
@@ -735,12 +746,11 @@ impl StageEngine for CpuEngine {
             for &i in &valid {
                 x.extend_from_slice(rows[i].0);
             }
-            let argmax = valid.iter().any(|&i| rows[i].1 == Want::Argmax);
-            match self.head_rows(&x, argmax) {
-                Ok((logits, tokens)) => {
-                    let logits = logits.chunks_exact(self.config.vocab);
-                    for (k, (&i, l)) in valid.iter().zip(logits).enumerate() {
-                        results[i] = Some(Ok(head_output(rows[i].1, l, tokens.get(k).copied())));
+            let wants: Vec<Want> = valid.iter().map(|&i| rows[i].1).collect();
+            match self.head_rows(&x, &wants) {
+                Ok(heads) => {
+                    for (&i, h) in valid.iter().zip(heads) {
+                        results[i] = Some(Ok(h));
                     }
                 }
                 Err(_) => {
@@ -791,15 +801,6 @@ impl StageEngine for CpuEngine {
     }
 }
 
-/// One row's logits as the sequence asked for them: its greedy token (found by the head's
-/// tasks, or here), or the logits.
-fn head_output(want: Want, logits: &[f32], token: Option<u32>) -> StageOutput {
-    match want {
-        Want::Argmax => StageOutput::Token(token.unwrap_or_else(|| argmax(logits))),
-        _ => StageOutput::Logits(logits.to_vec()),
-    }
-}
-
 /// The first index of the largest value of `v` above −∞, and that value; `None` when there is
 /// none (NaN never wins). Lane-wise maxima first, which vectorize, then one search for the
 /// first place that holds the largest.
@@ -825,7 +826,7 @@ fn max_index(v: &[f32]) -> Option<(usize, f32)> {
 }
 
 /// The greedy token of one row from its parts' [`max_index`] results in vocabulary order,
-/// `first` being the row's first logit: the token [`argmax`] picks over the whole row (the
+/// `first` being the row's first logit: the token `argmax` picks over the whole row (the
 /// first index whose value beats every value before it), ties and NaNs included.
 fn first_max(first: f32, parts: impl Iterator<Item = Option<(usize, f32)>>) -> u32 {
     let mut best = (0, first);
@@ -916,6 +917,7 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mdi_core::sampling::argmax;
 
     #[test]
     fn exp_matches_the_library_on_the_whole_range() {
