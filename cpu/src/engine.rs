@@ -570,7 +570,7 @@ impl CpuEngine {
                 self.rows_into(wu, r0, len, x, u);
                 for t in 0..n {
                     let at = t * rows + r0;
-                    silu_mul(
+                    self.kernels.silu_mul(
                         std::slice::from_raw_parts_mut(g.add(at), len),
                         std::slice::from_raw_parts(u.add(at), len),
                     );
@@ -865,41 +865,6 @@ fn sum_squares(v: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// gate = silu(gate) ⊙ up = gate / (1 + e^(−gate)) ⊙ up, with [`exp`]: the library's `expf`
-/// is a call per value that does not vectorize, and at batch 4 the 184 K values of a decode
-/// step of the default model took ~1 ms on one thread while the other waited.
-fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + exp(-*g)) * u;
-    }
-}
-
-/// e^x within a few ulp of `f32::exp` on the range that matters (below −86 it returns
-/// e^−86 ≈ 4e-38 instead of something smaller; above 88.7 ≈ 3.4e38 instead of infinity), in
-/// plain arithmetic that the compiler turns into vector instructions in a loop:
-/// x = k·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor polynomial of degree 7 (the first
-/// term left out is below 1e-8 of it), 2^k added to the result's exponent bits.
-#[inline]
-fn exp(x: f32) -> f32 {
-    // 1.5·2²³: adding it rounds to an integer held in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-86.0, 88.7);
-    let t = x * std::f32::consts::LOG2_E + ROUND;
-    let k = t - ROUND;
-    let r = x - k * LN2_HI - k * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // k as an integer: the low bits of t's mantissa, two's complement around ROUND.
-    let k_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
-    f32::from_bits(p.to_bits().wrapping_add(k_bits << 23))
-}
-
 /// Rotate one head's vector (head_dim) by precomputed angles (head_dim / 2).
 fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
     let half = x.len() / 2;
@@ -917,6 +882,7 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::{exp, silu_mul};
     use mdi_core::sampling::argmax;
 
     #[test]

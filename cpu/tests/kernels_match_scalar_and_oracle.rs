@@ -263,6 +263,29 @@ fn dot_matches_scalar_on_odd_lengths() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn silu_mul_matches_the_plain_formula_in_every_set() -> Result<()> {
+    let mut rng = Rng::new(seed());
+    for len in [1usize, 7, 16, 17, 100, 1537] {
+        // Activations well past the exponential's useful range on both sides too.
+        let gate: Vec<f32> = random(&mut rng, len).iter().map(|v| v * 40.0).collect();
+        let up = random(&mut rng, len);
+        for k in Kernels::available() {
+            let mut got = gate.clone();
+            k.silu_mul(&mut got, &up);
+            for ((g, u), y) in gate.iter().zip(&up).zip(&got) {
+                let want = g / (1.0 + (-g).exp()) * u;
+                ensure!(
+                    (y - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                    "{} silu_mul of {len}: {g}, {u} gave {y}, want {want}",
+                    k.isa()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Attention written out plainly, as the oracle does it, for one head.
 fn naive_attention(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32) -> Vec<f32> {
     let hd = q.len();

@@ -190,6 +190,20 @@ impl Kernels {
         }
     }
 
+    /// gate = silu(gate) ⊙ up, element by element (SwiGLU's activation), in this set's
+    /// vector width where the build's baseline is narrower (x86_64).
+    pub fn silu_mul(&self, gate: &mut [f32], up: &[f32]) {
+        assert_eq!(gate.len(), up.len(), "silu_mul: gate and up lengths");
+        match self.isa {
+            // SAFETY: `Kernels::new` checked the CPU has the module's features.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { x86::avx512::silu_mul(gate, up) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { x86::avx2::silu_mul(gate, up) },
+            _ => silu_mul(gate, up),
+        }
+    }
+
     /// Dequantize one row (`out.len()` values stored as `dtype` in `bytes`).
     pub fn dequantize_row(&self, dtype: DType, bytes: &[u8], out: &mut [f32]) {
         assert_eq!(
@@ -260,6 +274,44 @@ fn rows_and_tokens(dtype: DType, w: &[u8], cols: usize, xs: &[f32]) -> (usize, u
 /// Bytes of one row of `cols` values stored as `dtype` (0 if `cols` is not whole blocks).
 pub fn row_bytes(dtype: DType, cols: usize) -> usize {
     dtype.bytes_for(cols).unwrap_or(0)
+}
+
+/// gate = silu(gate) ⊙ up = gate / (1 + e^(−gate)) ⊙ up, with [`exp`]: the library's `expf`
+/// is a call per value that does not vectorize, and at batch 4 the 184 K values of a decode
+/// step of the default model took ~1 ms on one thread while the other waited. Compiled once
+/// per instruction set where the loop is wider than the build's baseline (see
+/// [`Kernels::silu_mul`]).
+#[inline(always)]
+pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + exp(-*g)) * u;
+    }
+}
+
+/// e^x within a few ulp of `f32::exp` on the range that matters (below −86 it returns
+/// e^−86 ≈ 4e-38 instead of something smaller; above 88.7 ≈ 3.4e38 instead of infinity), in
+/// plain arithmetic that the compiler turns into vector instructions in a loop:
+/// x = k·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor polynomial of degree 7 (the first
+/// term left out is below 1e-8 of it), 2^k added to the result's exponent bits.
+#[inline]
+pub(crate) fn exp(x: f32) -> f32 {
+    // 1.5·2²³: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-86.0, 88.7);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let k = t - ROUND;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // k as an integer: the low bits of t's mantissa, two's complement around ROUND.
+    let k_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+    f32::from_bits(p.to_bits().wrapping_add(k_bits << 23))
 }
 
 /// In-place softmax, as the oracle computes it.

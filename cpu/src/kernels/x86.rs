@@ -266,6 +266,12 @@ pub(super) mod avx512 {
         nibbles(p.add(4), s.d[j], s.o[j])
     }
 
+    /// [`silu_mul`](crate::kernels::silu_mul) compiled for this module's vector width.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(crate) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        crate::kernels::silu_mul(gate, up)
+    }
+
     super::super::simd_kernels!(#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]);
 }
 
@@ -493,6 +499,12 @@ pub(super) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn blk_q4_1(p: *const u8, s: &Scales, j: usize) -> [V; NB] {
         q4(p.add(4), s, j)
+    }
+
+    /// [`silu_mul`](crate::kernels::silu_mul) compiled for this module's vector width.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        crate::kernels::silu_mul(gate, up)
     }
 
     super::super::simd_kernels!(#[target_feature(enable = "avx2,fma,f16c")]);
