@@ -345,8 +345,9 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
 /// Block scales of up to [`SCALE_GROUP`] consecutive blocks of a row, converted to f32 in one
 /// pass before their blocks are dequantized: `d` the scales, `o` the offsets (Q4_1's `m`, or
 /// −8·d for Q4_0). Converting them together (word permutes over a few loads and one conversion
-/// on AVX-512) instead of block by block takes most of the per-block work out of the single-token dot product, and
-/// the per-block broadcasts then read memory instead of occupying a shuffle port.
+/// on AVX-512) instead of block by block takes most of the per-block work out of the
+/// single-token dot product, and the per-block broadcasts then read memory instead of
+/// occupying a shuffle port.
 #[derive(Clone, Copy)]
 #[allow(dead_code)] // the scalar build of wasm has no SIMD module to use it
 pub(crate) struct Scales {

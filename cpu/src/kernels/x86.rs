@@ -109,9 +109,10 @@ pub(super) mod avx512 {
         _mm_storeu_ps(out.as_mut_ptr(), q);
         out
     }
-    /// Where the scales of 16 blocks are, as 16-bit words from the first block's start:
-    /// lane k (of 32) takes word `words[k]`. Two-source word permutes over each 128 bytes
-    /// pick them (a gather of 16 values costs tens of cycles on current cores).
+    /// Where the scales of 16 blocks are, as 16-bit words from the first block's start, for
+    /// two-source word permutes over each 128 bytes (a gather of 16 values costs tens of cycles
+    /// on current cores): lane k (of 32) of the result takes word `idx[k]` of the pair of
+    /// vectors whose `pair_lanes` hold bit k.
     struct Picks {
         /// Each lane's word within its 128-byte pair of vectors.
         idx: [i16; 32],
@@ -158,7 +159,8 @@ pub(super) mod avx512 {
         let load = |first: usize| -> __m512i {
             let n = readable.saturating_sub(first).min(32);
             let mask: __mmask32 = if n >= 32 { !0 } else { (1u32 << n) - 1 };
-            _mm512_maskz_loadu_epi16(mask, p.add(2 * first).cast())
+            // Wrapping: past the last block the address is only formed, never read (mask 0).
+            _mm512_maskz_loadu_epi16(mask, p.wrapping_add(2 * first).cast())
         };
         let mut out = _mm512_setzero_si512();
         for (pair, &lanes) in picks.pair_lanes.iter().enumerate() {
