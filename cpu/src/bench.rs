@@ -63,6 +63,9 @@ pub struct BenchRow {
 struct Llama {
     decode_tok_s: f64,
     prefill_tok_s: f64,
+    /// A batch of sequences and one sequence through llama.cpp's batch API, tok/s (builds
+    /// without that API: the reason).
+    batch: std::result::Result<(f64, f64), String>,
     /// Version and configuration, for the table.
     label: String,
 }
@@ -197,6 +200,7 @@ pub fn run(
                 &prompt,
                 short,
                 opts.decode_tokens,
+                b,
                 reps,
             )
         });
@@ -290,6 +294,21 @@ pub fn run(
             bound: "≥ 2.5×".into(),
             ok: Some(ratio >= 2.5),
         });
+        if let Some(l) = &llama_ok {
+            rows.push(BenchRow {
+                what: format!("batch of {b} vs 1 sequence, decode, llama.cpp, {threads} thread(s)"),
+                on: format!("{cpu_name}, {threads} thr, {}", l.label),
+                value: match &l.batch {
+                    Ok((many, one)) => format!(
+                        "{:.2}× ({many:.1} vs {one:.1} tok/s)",
+                        (many / one * 100.0).floor() / 100.0
+                    ),
+                    Err(e) => e.clone(),
+                },
+                bound: "reference: each step one llama_decode of every sequence's token".into(),
+                ok: None,
+            });
+        }
     }
     if let Some((ratio, one, many, mb_read)) =
         kernel_batch_ratio(store, config, opts.batch.max(1), reps)?
@@ -534,13 +553,64 @@ for _ in range(reps):
     for _ in range(steps):
         llm.eval([tok]); tok = greedy()
     decode.append(time.perf_counter() - t)
-print(json.dumps({"version": llama_cpp.__version__,
-                  "prefill_tok_s": len(prompt) / min(prefill),
-                  "decode_tok_s": steps / min(decode)}))
+result = {"version": llama_cpp.__version__,
+          "prefill_tok_s": len(prompt) / min(prefill),
+          "decode_tok_s": steps / min(decode)}
+# A batch of sequences against one, each decoded by the same loop through llama.cpp's own
+# batch API (one llama_decode per step for all sequences, each with its own sequence id and
+# positions, then each one's greedy token); left out where this build lacks that API.
+def batched(b):
+    import llama_cpp.llama_cpp as low
+    cap = max(512, b * len(short))
+    cp = low.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 1024 * b, cap, cap, b
+    cp.n_threads, cp.n_threads_batch = threads, threads
+    ctx = low.llama_init_from_model(llm._model.model, cp)
+    if not ctx:
+        raise RuntimeError("no batch context")
+    batch = low.llama_batch_init(cap, 0, b)
+    try:
+        def put(i, tok, pos, seq, logits):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, logits
+        def greedy_of(i):
+            return int(np.argmax(np.ctypeslib.as_array(low.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
+        best = float("inf")
+        for _ in range(reps):
+            low.llama_memory_clear(low.llama_get_memory(ctx), True)
+            n = 0
+            for q in range(b):
+                for k, t in enumerate(short):
+                    put(n, t, k, q, k == len(short) - 1); n += 1
+            batch.n_tokens = n
+            if low.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            toks, pos = [greedy_of(q * len(short) + len(short) - 1) for q in range(b)], len(short)
+            for step in range(steps + 2):
+                if step == 2:
+                    t = time.perf_counter()
+                for q in range(b):
+                    put(q, toks[q], pos, q, True)
+                batch.n_tokens = b
+                if low.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+                toks, pos = [greedy_of(q) for q in range(b)], pos + 1
+            best = min(best, time.perf_counter() - t)
+        return b * steps / best
+    finally:
+        low.llama_batch_free(batch)
+        low.llama_free(ctx)
+try:
+    result["batch_one_tok_s"] = batched(1)
+    result["batch_tok_s"] = batched(int(sys.argv[8]))
+except Exception as e:
+    result["batch_error"] = str(e)[:200]
+print(json.dumps(result))
 "#;
 
 /// llama.cpp as its build configures itself; when that process dies (an AMX build on a guest
 /// without AMX dies of SIGILL), once more without its extra buffer types.
+#[allow(clippy::too_many_arguments)]
 fn llama_cpp(
     python: &str,
     model: &Path,
@@ -548,17 +618,21 @@ fn llama_cpp(
     prompt: &[u32],
     short: &[u32],
     steps: usize,
+    batch: usize,
     reps: usize,
 ) -> std::result::Result<Llama, String> {
-    match llama_cpp_run(python, model, threads, prompt, short, steps, reps, true) {
-        Err(e) if e.starts_with("llama.cpp failed") => {
-            llama_cpp_run(python, model, threads, prompt, short, steps, reps, false)
-                .map(|mut l| {
-                    l.label += ", extra buffer types off (default build faulted)";
-                    l
-                })
-                .map_err(|e2| format!("{e}; without extra buffer types: {e2}"))
-        }
+    let run = |extra| {
+        llama_cpp_run(
+            python, model, threads, prompt, short, steps, batch, reps, extra,
+        )
+    };
+    match run(true) {
+        Err(e) if e.starts_with("llama.cpp failed") => run(false)
+            .map(|mut l| {
+                l.label += ", extra buffer types off (default build faulted)";
+                l
+            })
+            .map_err(|e2| format!("{e}; without extra buffer types: {e2}")),
         other => other,
     }
 }
@@ -571,6 +645,7 @@ fn llama_cpp_run(
     prompt: &[u32],
     short: &[u32],
     steps: usize,
+    batch: usize,
     reps: usize,
     extra_bufts: bool,
 ) -> std::result::Result<Llama, String> {
@@ -585,6 +660,7 @@ fn llama_cpp_run(
         .arg(steps.to_string())
         .arg(reps.to_string())
         .arg(if extra_bufts { "1" } else { "0" })
+        .arg(batch.to_string())
         .output()
         .map_err(|e| format!("no {python}: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -608,6 +684,13 @@ fn llama_cpp_run(
         (Some(d), Some(p)) => Ok(Llama {
             decode_tok_s: d,
             prefill_tok_s: p,
+            batch: match (num("batch_tok_s"), num("batch_one_tok_s")) {
+                (Some(many), Some(one)) => Ok((many, one)),
+                _ => Err(format!(
+                    "no batch figure: {}",
+                    field("batch_error").unwrap_or_else(|| "not reported".into())
+                )),
+            },
             label: format!("llama-cpp-python {}", field("version").unwrap_or_default()),
         }),
         _ => Err(format!("unreadable llama.cpp result: {line}")),
